@@ -1,0 +1,75 @@
+"""The ``lepton-jax`` command line.
+
+    lepton-jax info                       # versions and devices
+    lepton-jax train digits --model cnn   # run a recipe with config overrides
+    lepton-jax train --list               # the recipes installed
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import pkgutil
+import sys
+from typing import Sequence
+
+
+def _recipes() -> list[str]:
+    spec = importlib.util.find_spec("recipes")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return sorted(m.name for m in pkgutil.iter_modules(spec.submodule_search_locations) if not m.name.startswith("_"))
+
+
+def _info() -> int:
+    import jax
+
+    import lepton_jax
+
+    versions = {"lepton_jax": lepton_jax.__version__, "jax": jax.__version__}
+    for name in ("jaxlib", "flax", "optax", "orbax.checkpoint", "chex"):
+        try:
+            versions[name] = importlib.import_module(name).__version__
+        except (ImportError, AttributeError):
+            versions[name] = "not installed"
+    for name, version in versions.items():
+        print(f"{name:18s} {version}")
+    print(f"{'backend':18s} {jax.default_backend()}")
+    for device in jax.devices():
+        print(f"{'device':18s} {device}")
+    return 0
+
+
+def _train(recipe: str | None, overrides: list[str], list_only: bool) -> int:
+    available = _recipes()
+    if list_only or recipe is None:
+        print("recipes:", ", ".join(available) or "(none installed)")
+        return 0 if list_only else 2
+    if recipe not in available:
+        print(f"lepton-jax train: unknown recipe {recipe!r}; available: {available}", file=sys.stderr)
+        return 2
+    # Recipes are run, not imported by the library: the dependency points from
+    # recipes to lepton_jax only.
+    module = importlib.import_module(f"recipes.{recipe}")
+    module.main(overrides)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lepton-jax", description="lepton_jax command line")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="print versions and devices")
+    train = commands.add_parser("train", help="run a training recipe; extra --name=value args override its config")
+    train.add_argument("recipe", nargs="?", help="recipe name, e.g. digits")
+    train.add_argument("--list", action="store_true", help="list the installed recipes")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "info":
+        if rest:
+            parser.error(f"info takes no arguments, got {rest}")
+        return _info()
+    return _train(args.recipe, rest, args.list)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Frozen-dataclass configs overridden from the command line by field name.
+
+``override(config, ["--lr=0.1", "--model.width", "256", "--resume"])`` returns
+a new config; nested dataclass fields are reached with dots. Values are parsed
+by the field's current type (bool, int, float, str, tuples of those).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def override(config: Any, argv: Sequence[str]) -> Any:
+    """Returns ``config`` with the ``--name[=value]`` overrides of ``argv`` applied.
+
+    A bool field given without a value is set to True. Unknown names raise
+    ``ValueError`` listing the known ones.
+    """
+    if not dataclasses.is_dataclass(config):
+        raise TypeError(f"override: config must be a dataclass instance, got {type(config).__name__}")
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"override: expected --name[=value], got {arg!r}")
+        name, has_value, value = arg[2:].partition("=")
+        current = _lookup(config, name)
+        if not has_value:
+            next_is_value = i + 1 < len(args) and not args[i + 1].startswith("--")
+            if isinstance(current, bool) and not next_is_value:
+                value = "true"
+            elif next_is_value:
+                i += 1
+                value = args[i]
+            else:
+                raise ValueError(f"override: --{name} needs a value")
+        config = _replace(config, name.split("."), _parse(value, current, name))
+        i += 1
+    return config
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-able dict of a (nested) dataclass config."""
+    return dataclasses.asdict(config)
+
+
+def _lookup(config: Any, dotted: str) -> Any:
+    node = config
+    for part in dotted.split("."):
+        names = [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+        if part not in names:
+            raise ValueError(f"override: unknown config field {dotted!r}; known fields: {names}")
+        node = getattr(node, part)
+    return node
+
+
+def _replace(config: Any, path: list[str], value: Any) -> Any:
+    head, *rest = path
+    if rest:
+        value = _replace(getattr(config, head), rest, value)
+    return dataclasses.replace(config, **{head: value})
+
+
+def _parse(text: str, current: Any, name: str) -> Any:
+    try:
+        if isinstance(current, bool):
+            lowered = text.lower()
+            if lowered not in _TRUE | _FALSE:
+                raise ValueError(text)
+            return lowered in _TRUE
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(text)
+        if isinstance(current, tuple):
+            items = [t for t in text.strip("()[] ").split(",") if t.strip()]
+            kind = type(current[0]) if current else str
+            return tuple(_parse(t.strip(), kind(), name) if kind is not str else t.strip() for t in items)
+        if current is None:
+            return None if text.lower() == "none" else _guess(text)
+        return text
+    except ValueError:
+        raise ValueError(
+            f"override: --{name} expects a {type(current).__name__}, got {text!r}"
+        ) from None
+
+
+def _guess(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text

@@ -1,0 +1,101 @@
+"""Metric logging: an in-memory history, JSONL, TensorBoard events and a plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+
+def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The scalar entries of ``metrics`` as Python floats (arrays are dropped)."""
+    out = {}
+    for name, value in metrics.items():
+        value = np.asarray(value)
+        if value.ndim == 0 and np.issubdtype(value.dtype, np.number):
+            out[name] = float(value)
+    return out
+
+
+class MetricLogger:
+    """Records ``(step, split, metrics)`` rows.
+
+    Every row goes to ``history``; with an ``output_dir`` also to
+    ``metrics.jsonl`` (one JSON object a line) and, with ``tensorboard``, to
+    TensorBoard event files under ``output_dir/tensorboard`` as
+    ``"{split}/{name}"`` scalars.
+    """
+
+    def __init__(self, output_dir: str | None = None, *, tensorboard: bool = True) -> None:
+        self.history: list[dict[str, Any]] = []
+        self._jsonl = None
+        self._writer = None
+        if output_dir is not None:
+            os.makedirs(output_dir, exist_ok=True)
+            self._jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8")
+            if tensorboard:
+                from tensorboardX import SummaryWriter
+
+                self._writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+
+    def log(self, step: int, split: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """Records the scalar metrics of one step and returns the row."""
+        row = {"step": int(step), "split": split, **scalar_metrics(metrics)}
+        self.history.append(row)
+        if self._jsonl is not None:
+            # JSON has no NaN/inf: write them as strings so the file stays valid.
+            safe = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in row.items()}
+            self._jsonl.write(json.dumps(safe) + "\n")
+            self._jsonl.flush()
+        if self._writer is not None:
+            for name, value in row.items():
+                if name not in ("step", "split"):
+                    self._writer.add_scalar(f"{split}/{name}", value, int(step))
+        return row
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def plot_history(
+    history: Sequence[Mapping[str, Any]],
+    path: str,
+    *,
+    metrics: Sequence[str] = ("loss", "accuracy"),
+) -> str:
+    """Plots each metric against step, one panel a metric, a line a split.
+
+    Writes a PNG to ``path`` and returns it. Metrics absent from the history
+    are skipped.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    present = [m for m in metrics if any(m in row for row in history)]
+    if not present:
+        raise ValueError(f"plot_history: none of the metrics {list(metrics)} is in the history")
+    fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], present):
+        for split in sorted({row["split"] for row in history}):
+            rows = [r for r in history if r["split"] == split and name in r]
+            if rows:
+                ax.plot([r["step"] for r in rows], [r[name] for r in rows], marker="o" if len(rows) < 30 else None,
+                        label=split)
+        ax.set_xlabel("step")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,86 @@
+"""TrainState: everything a training run carries from one step to the next.
+
+The state is plain data (a pytree): it holds no functions, so it can be
+printed, ``jax.tree.map``-ed over and checkpointed as it is. The model and the
+optimizer are closed over by the step functions instead (see ``step.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+PyTree = Any
+
+
+@struct.dataclass
+class TrainState:
+    """The state of one training run.
+
+    Attributes:
+      step: int32 scalar, number of optimizer steps taken.
+      params: the model's ``"params"`` collection.
+      opt_state: the optax optimizer state.
+      model_state: the model's other mutable collections (e.g.
+        ``{"batch_stats": ...}``), ``{}`` when it has none.
+      rng: a raw ``uint32[2]`` PRNG key; step ``s`` draws its randomness from
+        ``jax.random.fold_in(rng, s)``, so a resumed run sees the same keys as
+        an uninterrupted one.
+    """
+
+    step: jax.Array
+    params: PyTree
+    opt_state: PyTree
+    model_state: Mapping[str, PyTree]
+    rng: jax.Array
+
+    def variables(self) -> dict[str, PyTree]:
+        """The flax variables dict ``{"params": ..., **model_state}`` for ``apply``."""
+        return {"params": self.params, **self.model_state}
+
+
+def create_train_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    example_inputs: jax.Array,
+    *,
+    seed: int = 0,
+) -> TrainState:
+    """Initialises a model and its optimizer into a ``TrainState``.
+
+    Args:
+      model: a linen module whose ``__call__(x, *, train: bool)`` takes a batch.
+      tx: the optax transformation used for training.
+      example_inputs: a batch (any batch size) with the shape and dtype of the
+        real inputs; only its shape and dtype are used.
+      seed: the run's seed; the params init key and the step keys derive from it.
+
+    Returns:
+      A ``TrainState`` at step 0.
+    """
+    if not isinstance(seed, int):
+        raise TypeError(f"create_train_state: seed must be an int, got {type(seed).__name__}")
+    root = jax.random.PRNGKey(seed)
+    init_key, dropout_key, run_key = jax.random.split(root, 3)
+    # Shapes only: initialisation must not depend on the example's values.
+    example = jnp.zeros(jnp.shape(example_inputs), jnp.asarray(example_inputs).dtype)
+    variables = model.init({"params": init_key, "dropout": dropout_key}, example, train=False)
+    variables = dict(variables)
+    params = variables.pop("params")
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        model_state=variables,
+        rng=run_key,
+    )
+
+
+def count_params(params: PyTree) -> int:
+    """Total number of scalar parameters in a pytree."""
+    return sum(int(x.size) for x in jax.tree.leaves(params))

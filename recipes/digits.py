@@ -1,0 +1,157 @@
+"""Train a classifier on scikit-learn's 8x8 handwritten digits (real data, no download).
+
+    python -m recipes.digits --model cnn            # or mlp, lstm
+    python -m recipes.digits --model mlp --epochs=40 --out runs/mlp --resume
+
+Writes under ``--out``: ``metrics.jsonl``, TensorBoard events, ``curves.png``,
+``checkpoints/``, ``report.txt`` (per-class precision/recall/F1 on the test
+split) and ``results.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+
+import lepton_jax
+from lepton_jax import config as config_lib
+from lepton_jax import data, models, ops, optim, train
+
+MODELS = ("mlp", "cnn", "lstm")
+
+
+@dataclasses.dataclass(frozen=True)
+class DigitsConfig:
+    model: str = "cnn"
+    epochs: int = 0  # 0: the model's default below
+    batch_size: int = 64
+    learning_rate: float = 0.0  # 0: the model's default below
+    warmup_steps: int = 50
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.05
+    max_shift: int = -1  # translation augmentation in pixels; -1: the model's default
+    seed: int = 0
+    out: str = "runs/digits"
+    resume: bool = False
+    progress: bool = True
+    eval_every_epochs: int = 5
+
+
+# Per-model defaults, tuned for >= 97% (CNN >= 98%) test accuracy in well under
+# two minutes on two CPU cores.
+_DEFAULTS = {
+    "mlp": dict(epochs=40, learning_rate=2e-3, max_shift=0),
+    "cnn": dict(epochs=30, learning_rate=3e-3, max_shift=1),
+    "lstm": dict(epochs=40, learning_rate=3e-3, max_shift=0),
+}
+
+
+def resolve(config: DigitsConfig) -> DigitsConfig:
+    """Fills the per-model defaults the user left unset."""
+    if config.model not in MODELS:
+        raise ValueError(f"digits: --model must be one of {MODELS}, got {config.model!r}")
+    defaults = _DEFAULTS[config.model]
+    return dataclasses.replace(
+        config,
+        epochs=config.epochs or defaults["epochs"],
+        learning_rate=config.learning_rate or defaults["learning_rate"],
+        max_shift=defaults["max_shift"] if config.max_shift < 0 else config.max_shift,
+    )
+
+
+def build_model(name: str):
+    return {"mlp": models.MLPClassifier, "cnn": models.CNN, "lstm": models.LSTMClassifier}[name]()
+
+
+def load_splits(seed: int) -> tuple[dict, dict, dict, data.Normalizer]:
+    """Stratified 70/10/20 train/val/test splits, normalized with train statistics."""
+    digits = data.load_digits()
+    train_split, val_split, test_split = data.split(
+        digits, (0.7, 0.1, 0.2), seed=seed, stratify_key="label"
+    )
+    normalizer = data.Normalizer.fit(train_split["image"])
+    splits = [{**s, "image": normalizer(s["image"]).astype(np.float32)} for s in (train_split, val_split, test_split)]
+    return (*splits, normalizer)
+
+
+def run(config: DigitsConfig) -> dict:
+    """Trains, evaluates on the test split and writes the outputs. Returns the results."""
+    config = resolve(config)
+    os.makedirs(config.out, exist_ok=True)
+    train_split, val_split, test_split, normalizer = load_splits(config.seed)
+    batches = data.BatchIterator(train_split, config.batch_size, shuffle=True, seed=config.seed)
+    total_steps = config.epochs * batches.steps_per_epoch
+
+    model = build_model(config.model)
+    schedule = optim.ScheduleConfig(
+        name="cosine", peak_lr=config.learning_rate, warmup_steps=config.warmup_steps,
+        total_steps=total_steps,
+    )
+    tx = optim.make_optimizer(optim.OptimizerConfig(
+        name="adamw", learning_rate=schedule, weight_decay=config.weight_decay, clip_norm=1.0,
+    ))
+    state = train.create_train_state(model, tx, train_split["image"][:1], seed=config.seed)
+    loss_fn = train.classification_loss(label_smoothing=config.label_smoothing)
+    augment = None
+    if config.max_shift > 0:
+        shift = config.max_shift
+        augment = lambda key, images: data.random_translate(key, images, max_shift=shift)  # noqa: E731
+    train_step = train.make_train_step(model, tx, loss_fn, augment_fn=augment)
+    eval_step = train.make_eval_step(model, loss_fn, num_classes=10)
+
+    print(f"lepton_jax {lepton_jax.__version__} | jax {jax.__version__} on {jax.devices()[0].platform} | "
+          f"model {config.model}: {train.count_params(state.params):,} params | "
+          f"{len(train_split['label'])}/{len(val_split['label'])}/{len(test_split['label'])} train/val/test")
+    started = time.perf_counter()
+    result = train.fit(
+        state, train_step, batches,
+        num_steps=total_steps,
+        eval_step=eval_step, eval_data=val_split,
+        eval_every=config.eval_every_epochs * batches.steps_per_epoch,
+        log_every=batches.steps_per_epoch,
+        output_dir=config.out, resume=config.resume, progress=config.progress,
+        extra={"config": config_lib.to_dict(config), "normalizer": normalizer.to_dict()},
+    )
+    seconds = time.perf_counter() - started
+
+    test = train.evaluate(result.state, eval_step, data.iterate_once(test_split, 256, pad=True))
+    report = ops.classification_report(test["confusion"], class_names=data.CLASS_NAMES)
+    with open(os.path.join(config.out, "report.txt"), "w", encoding="utf-8") as f:
+        f.write(report + "\n")
+    results = {
+        "model": config.model,
+        "test_accuracy": test["accuracy"],
+        "test_macro_f1": test["macro_f1"],
+        "test_loss": test["loss"],
+        "val_accuracy": result.eval_metrics["accuracy"] if result.eval_metrics else None,
+        "train_seconds": seconds,
+        "steps": int(result.state.step),
+        "resumed_from": result.resumed_from,
+        "config": config_lib.to_dict(config),
+    }
+    with open(os.path.join(config.out, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nTest split ({test['num_examples']} images):\n{report}")
+    print(f"test accuracy {test['accuracy']:.4f} | macro F1 {test['macro_f1']:.4f} | "
+          f"trained in {seconds:.1f}s | outputs in {config.out}")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        print("Fields:", ", ".join(f"--{f.name}={f.default!r}" for f in dataclasses.fields(DigitsConfig)))
+        return {}
+    return run(config_lib.override(DigitsConfig(), argv))
+
+
+if __name__ == "__main__":
+    main()

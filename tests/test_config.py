@@ -1,0 +1,38 @@
+import dataclasses
+
+import pytest
+
+from lepton_jax import config
+
+
+@dataclasses.dataclass(frozen=True)
+class Inner:
+    width: int = 64
+    rate: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class Outer:
+    name: str = "cnn"
+    resume: bool = False
+    sizes: tuple = (1, 2)
+    model: Inner = Inner()
+
+
+def test_overrides_by_name_nested_and_typed():
+    c = config.override(Outer(), ["--name", "mlp", "--resume", "--model.width=256", "--model.rate", "0.5",
+                                  "--sizes=3,4,5"])
+    assert c == Outer(name="mlp", resume=True, sizes=(3, 4, 5), model=Inner(width=256, rate=0.5))
+    assert config.override(Outer(), ["--resume=false"]).resume is False
+    assert config.to_dict(c)["model"] == {"width": 256, "rate": 0.5}
+
+
+def test_bad_overrides_raise():
+    with pytest.raises(ValueError, match=r"unknown config field 'model.depth'; known fields: \['width', 'rate'\]"):
+        config.override(Outer(), ["--model.depth=3"])
+    with pytest.raises(ValueError, match="--model.width expects a int, got 'wide'"):
+        config.override(Outer(), ["--model.width=wide"])
+    with pytest.raises(ValueError, match="expected --name"):
+        config.override(Outer(), ["width=3"])
+    with pytest.raises(ValueError, match="--name needs a value"):
+        config.override(Outer(), ["--name"])
