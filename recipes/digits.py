@@ -91,7 +91,7 @@ def run(config: DigitsConfig) -> dict:
 
     model = build_model(config.model)
     schedule = optim.ScheduleConfig(
-        name="cosine", peak_lr=config.learning_rate, warmup_steps=config.warmup_steps,
+        name="cosine", peak_lr=config.learning_rate, warmup_steps=min(config.warmup_steps, total_steps // 5),
         total_steps=total_steps,
     )
     tx = optim.make_optimizer(optim.OptimizerConfig(

@@ -45,11 +45,10 @@ class CheckpointManager:
                 f"CheckpointManager: save_interval_steps must be >= 1, got {save_interval_steps}"
             )
         self.directory = os.path.abspath(os.fspath(directory))
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            save_interval_steps=save_interval_steps,
-            enable_async_checkpointing=async_save,
-        )
+        self.save_interval_steps = save_interval_steps
+        # The interval is applied in save(): Orbax's own policy always saves
+        # the first step it sees, whatever the interval.
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save)
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "extra")
         )
@@ -70,12 +69,12 @@ class CheckpointManager:
         step = int(step)
         if step < 0:
             raise ValueError(f"CheckpointManager.save: step must be >= 0, got {step}")
-        if step in self.all_steps():
+        if step in self.all_steps() or (not force and step % self.save_interval_steps):
             return False
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(dict(extra or {}))
         )
-        return bool(self._manager.save(step, args=args, force=force))
+        return bool(self._manager.save(step, args=args, force=True))
 
     def restore(self, step: int | None = None, *, target: PyTree | None = None) -> PyTree:
         """Restores the state saved at ``step`` (default: the latest).

@@ -103,7 +103,7 @@ def make_train_step(
         new_state = state.replace(
             step=state.step + 1, params=params, opt_state=opt_state, model_state=new_model_state
         )
-        out = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        out = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
         if regularizer is not None:
             out["penalty"] = penalty
         return new_state, out

@@ -1,0 +1,12 @@
+"""Host-side data: in-memory datasets, splits, normalization, resumable
+batching, pure-jax augmentation, and the bundled digits dataset."""
+
+from lepton_jax.data.arrays import Normalizer, num_examples, split
+from lepton_jax.data.augment import augment_images, random_crop, random_flip, random_translate
+from lepton_jax.data.digits import CLASS_NAMES, load_digits
+from lepton_jax.data.loader import BatchIterator, iterate_once
+
+__all__ = [
+    "BatchIterator", "CLASS_NAMES", "Normalizer", "augment_images", "iterate_once", "load_digits",
+    "num_examples", "random_crop", "random_flip", "random_translate", "split",
+]

@@ -1,0 +1,75 @@
+"""1D and 2D convolutions (channels last)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as linen
+import jax
+import jax.numpy as jnp
+
+from lepton_jax.nn._checks import as_tuple, check_float_input
+
+Padding = str | int | Sequence[tuple[int, int]]
+
+
+def conv_padding(where: str, padding: Padding, n: int) -> str | list[tuple[int, int]]:
+    """"SAME"/"VALID", an int for every side, or ``n`` ``(low, high)`` pairs."""
+    if isinstance(padding, str):
+        if padding.upper() not in ("SAME", "VALID"):
+            raise ValueError(f"{where}: padding must be 'SAME', 'VALID', an int or (low, high) pairs, got {padding!r}")
+        return padding.upper()
+    if isinstance(padding, int):
+        return [(padding, padding)] * n
+    pairs = [tuple(p) for p in padding]
+    if len(pairs) != n or any(len(p) != 2 for p in pairs):
+        raise ValueError(f"{where}: padding must have {n} (low, high) pairs, got {padding}")
+    return pairs
+
+
+class Conv(linen.Module):
+    """Convolution over 1 or 2 spatial axes, ``len(kernel_size)`` of them.
+
+    ``x`` is ``[B, L, C]`` (1D) or ``[B, H, W, C]`` (2D); the output has
+    ``features`` channels. ``strides``, ``dilation`` (kernel dilation) are ints
+    or per-axis; ``padding`` is "SAME", "VALID", an int or per-axis pairs.
+    """
+
+    features: int
+    kernel_size: int | Sequence[int]
+    strides: int | Sequence[int] = 1
+    padding: Padding = "SAME"
+    dilation: int | Sequence[int] = 1
+    use_bias: bool = True
+    kernel_init: Callable[..., jax.Array] = linen.initializers.lecun_normal()
+    bias_init: Callable[..., jax.Array] = linen.initializers.zeros_init()
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @linen.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel_size = (self.kernel_size,) if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
+        n = len(kernel_size)
+        if n not in (1, 2):
+            raise ValueError(f"Conv: kernel_size must have 1 or 2 entries, got {kernel_size}")
+        check_float_input("Conv", x)
+        if x.ndim != n + 2:
+            layout = "[batch, length, channels]" if n == 1 else "[batch, height, width, channels]"
+            raise ValueError(f"Conv: x must have rank {n + 2} {layout}, got shape {x.shape}")
+        strides = as_tuple("Conv", "strides", self.strides, n)
+        dilation = as_tuple("Conv", "dilation", self.dilation, n)
+        padding = conv_padding("Conv", self.padding, n)
+        in_channels = x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (*kernel_size, in_channels, self.features), self.param_dtype)
+        if kernel.shape[-2] != in_channels:
+            raise ValueError(f"Conv: x must have {kernel.shape[-2]} channels (last axis), got shape {x.shape}")
+        dtype = self.dtype or x.dtype
+        spatial = "HW"[:n]
+        dims = jax.lax.conv_dimension_numbers(
+            x.shape, kernel.shape, (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
+        y = jax.lax.conv_general_dilated(
+            x.astype(dtype), kernel.astype(dtype), window_strides=strides, padding=padding,
+            rhs_dilation=dilation, dimension_numbers=dims)
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(dtype)
+        return y

@@ -1,0 +1,65 @@
+"""Dense layers and the MLP."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as linen
+import jax
+import jax.numpy as jnp
+
+from lepton_jax.nn._checks import check_float_input
+from lepton_jax.nn.dropout import Dropout
+
+Initializer = Callable[..., jax.Array]
+
+
+class Dense(linen.Module):
+    """``y = x @ kernel + bias``: ``[..., in] -> [..., features]``.
+
+    ``dtype`` is the compute dtype (default: the input's); parameters are
+    stored in ``param_dtype``.
+    """
+
+    features: int
+    use_bias: bool = True
+    kernel_init: Initializer = linen.initializers.lecun_normal()
+    bias_init: Initializer = linen.initializers.zeros_init()
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @linen.compact
+    def __call__(self, x_NxI: jax.Array) -> jax.Array:
+        check_float_input("Dense", x_NxI)
+        kernel_IxF = self.param("kernel", self.kernel_init, (x_NxI.shape[-1], self.features), self.param_dtype)
+        if kernel_IxF.shape[0] != x_NxI.shape[-1]:
+            raise ValueError(f"Dense: x must have {kernel_IxF.shape[0]} input features (last axis), "
+                             f"got shape {x_NxI.shape}")
+        dtype = self.dtype or x_NxI.dtype
+        y_NxF = jnp.dot(x_NxI.astype(dtype), kernel_IxF.astype(dtype))
+        if self.use_bias:
+            bias_F = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            y_NxF = y_NxF + bias_F.astype(dtype)
+        return y_NxF
+
+
+class MLP(linen.Module):
+    """Dense layers of widths ``features`` with ``activation`` between them (not
+    after the last) and dropout after each hidden activation."""
+
+    features: Sequence[int]
+    activation: Callable[[jax.Array], jax.Array] = jax.nn.relu
+    dropout_rate: float = 0.0
+    use_bias: bool = True
+
+    @linen.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        if not self.features:
+            raise ValueError("MLP: features must list at least one layer width, got ()")
+        for i, width in enumerate(self.features):
+            x = Dense(width, use_bias=self.use_bias)(x)
+            if i < len(self.features) - 1:
+                x = self.activation(x)
+                if self.dropout_rate > 0:
+                    x = Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        return x

@@ -1,0 +1,88 @@
+"""LayerNorm, RMSNorm (calling ``lepton_jax.ops``) and BatchNorm."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as linen
+import jax
+import jax.numpy as jnp
+
+from lepton_jax.nn._checks import check_float_input
+from lepton_jax.ops.normalization import layer_norm, rms_norm
+
+
+class LayerNorm(linen.Module):
+    """Normalizes the last axis: ``ops.layer_norm`` with learned ``scale``/``bias``."""
+
+    eps: float = 1e-5
+    use_scale: bool = True
+    use_bias: bool = True
+    implementation: str = "auto"
+    param_dtype: Any = jnp.float32
+
+    @linen.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        check_float_input("LayerNorm", x)
+        features = (x.shape[-1],)
+        scale = self.param("scale", linen.initializers.ones_init(), features, self.param_dtype) if self.use_scale else None
+        bias = self.param("bias", linen.initializers.zeros_init(), features, self.param_dtype) if self.use_bias else None
+        return layer_norm(x, scale, bias, eps=self.eps, implementation=self.implementation)
+
+
+class RMSNorm(linen.Module):
+    """Root-mean-square norm of the last axis: ``ops.rms_norm`` with a learned ``scale``."""
+
+    eps: float = 1e-6
+    implementation: str = "auto"
+    param_dtype: Any = jnp.float32
+
+    @linen.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        check_float_input("RMSNorm", x)
+        scale = self.param("scale", linen.initializers.ones_init(), (x.shape[-1],), self.param_dtype)
+        return rms_norm(x, scale, eps=self.eps, implementation=self.implementation)
+
+
+class BatchNorm(linen.Module):
+    """Batch normalization over every axis but the last.
+
+    Training (``use_running_average=False``) normalizes with the batch's
+    statistics and updates the running ``mean``/``var`` in the
+    ``"batch_stats"`` collection (apply with ``mutable=["batch_stats"]``):
+    ``running = momentum * running + (1 - momentum) * batch``. Evaluation uses
+    the running statistics. With ``axis_name``, batch statistics are averaged
+    over that mapped axis (``pmap``/``shard_map`` data parallelism).
+    Statistics are fp32.
+    """
+
+    momentum: float = 0.99
+    eps: float = 1e-5
+    use_running_average: bool | None = None
+    axis_name: str | None = None
+    param_dtype: Any = jnp.float32
+
+    @linen.compact
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        use_running_average = linen.merge_param("use_running_average", self.use_running_average, use_running_average)
+        check_float_input("BatchNorm", x, min_rank=2)
+        features = (x.shape[-1],)
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
+        scale = self.param("scale", linen.initializers.ones_init(), features, self.param_dtype)
+        bias = self.param("bias", linen.initializers.zeros_init(), features, self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        if use_running_average:
+            mean, var = running_mean.value, running_var.value
+        else:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(x32, axis=axes)
+            mean_of_squares = jnp.mean(jnp.square(x32), axis=axes)
+            if self.axis_name is not None and not self.is_initializing():
+                mean, mean_of_squares = jax.lax.pmean((mean, mean_of_squares), self.axis_name)
+            var = jnp.maximum(mean_of_squares - jnp.square(mean), 0.0)
+            if not self.is_initializing():
+                running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+                running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+        return y.astype(x.dtype)

@@ -1,0 +1,35 @@
+"""Functional ops: activations, losses, regularization, metrics, normalization.
+
+Each op is a pure ``jax.numpy`` function (the reference implementation that
+later Pallas kernels are tested against).
+"""
+
+from lepton_jax.ops import activations, losses, metrics, normalization, regularization
+from lepton_jax.ops.activations import get_activation
+from lepton_jax.ops.losses import (
+    binary_cross_entropy,
+    mae,
+    mse,
+    softmax_cross_entropy,
+    softmax_cross_entropy_with_probs,
+)
+from lepton_jax.ops.metrics import (
+    MeanMetric,
+    accuracy,
+    classification_counts,
+    classification_report,
+    compute_classification_metrics,
+    confusion_matrix,
+    merge_counts,
+    top_k_accuracy,
+)
+from lepton_jax.ops.normalization import layer_norm, rms_norm
+from lepton_jax.ops.regularization import l1_penalty, l2_penalty, weight_mask
+
+__all__ = [
+    "MeanMetric", "accuracy", "activations", "binary_cross_entropy", "classification_counts",
+    "classification_report", "compute_classification_metrics", "confusion_matrix", "get_activation",
+    "l1_penalty", "l2_penalty", "layer_norm", "losses", "mae", "merge_counts", "metrics", "mse",
+    "normalization", "regularization", "rms_norm", "softmax_cross_entropy",
+    "softmax_cross_entropy_with_probs", "top_k_accuracy", "weight_mask",
+]
