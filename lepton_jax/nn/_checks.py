@@ -21,3 +21,12 @@ def as_tuple(where: str, name: str, value, n: int) -> tuple[int, ...]:
     if len(value) != n:
         raise ValueError(f"{where}: {name} must be an int or have {n} entries, got {value}")
     return value
+
+
+def check_stored_in_features(module, where: str, x: jax.Array, axis: int, what: str) -> None:
+    """On apply, compares ``x``'s last axis with the stored kernel's input axis,
+    so a mismatch names the layer and shapes instead of an initializer."""
+    if module.has_variable("params", "kernel"):
+        expected = jnp.shape(module.get_variable("params", "kernel"))[axis]
+        if x.shape[-1] != expected:
+            raise ValueError(f"{where}: x must have {expected} {what} (last axis), got shape {x.shape}")

@@ -8,7 +8,7 @@ import flax.linen as linen
 import jax
 import jax.numpy as jnp
 
-from lepton_jax.nn._checks import as_tuple, check_float_input
+from lepton_jax.nn._checks import as_tuple, check_float_input, check_stored_in_features
 
 Padding = str | int | Sequence[tuple[int, int]]
 
@@ -59,10 +59,8 @@ class Conv(linen.Module):
         strides = as_tuple("Conv", "strides", self.strides, n)
         dilation = as_tuple("Conv", "dilation", self.dilation, n)
         padding = conv_padding("Conv", self.padding, n)
-        in_channels = x.shape[-1]
-        kernel = self.param("kernel", self.kernel_init, (*kernel_size, in_channels, self.features), self.param_dtype)
-        if kernel.shape[-2] != in_channels:
-            raise ValueError(f"Conv: x must have {kernel.shape[-2]} channels (last axis), got shape {x.shape}")
+        check_stored_in_features(self, "Conv", x, -2, "channels")
+        kernel = self.param("kernel", self.kernel_init, (*kernel_size, x.shape[-1], self.features), self.param_dtype)
         dtype = self.dtype or x.dtype
         spatial = "HW"[:n]
         dims = jax.lax.conv_dimension_numbers(

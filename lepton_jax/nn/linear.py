@@ -8,7 +8,7 @@ import flax.linen as linen
 import jax
 import jax.numpy as jnp
 
-from lepton_jax.nn._checks import check_float_input
+from lepton_jax.nn._checks import check_float_input, check_stored_in_features
 from lepton_jax.nn.dropout import Dropout
 
 Initializer = Callable[..., jax.Array]
@@ -31,10 +31,8 @@ class Dense(linen.Module):
     @linen.compact
     def __call__(self, x_NxI: jax.Array) -> jax.Array:
         check_float_input("Dense", x_NxI)
+        check_stored_in_features(self, "Dense", x_NxI, 0, "input features")
         kernel_IxF = self.param("kernel", self.kernel_init, (x_NxI.shape[-1], self.features), self.param_dtype)
-        if kernel_IxF.shape[0] != x_NxI.shape[-1]:
-            raise ValueError(f"Dense: x must have {kernel_IxF.shape[0]} input features (last axis), "
-                             f"got shape {x_NxI.shape}")
         dtype = self.dtype or x_NxI.dtype
         y_NxF = jnp.dot(x_NxI.astype(dtype), kernel_IxF.astype(dtype))
         if self.use_bias:
