@@ -4,7 +4,8 @@ Each op is a pure ``jax.numpy`` function (the reference implementation that
 later Pallas kernels are tested against).
 """
 
-from lepton_jax.ops import activations, losses, metrics, normalization, regularization
+from lepton_jax.ops import activations, attention as attention_ops, losses, metrics, normalization, regularization
+from lepton_jax.ops.attention import attention, attention_reference
 from lepton_jax.ops.activations import get_activation
 from lepton_jax.ops.losses import (
     binary_cross_entropy,
@@ -27,7 +28,7 @@ from lepton_jax.ops.normalization import layer_norm, rms_norm
 from lepton_jax.ops.regularization import l1_penalty, l2_penalty, weight_mask
 
 __all__ = [
-    "MeanMetric", "accuracy", "activations", "binary_cross_entropy", "classification_counts",
+    "MeanMetric", "accuracy", "activations", "attention", "attention_ops", "attention_reference", "binary_cross_entropy", "classification_counts",
     "classification_report", "compute_classification_metrics", "confusion_matrix", "get_activation",
     "l1_penalty", "l2_penalty", "layer_norm", "losses", "mae", "merge_counts", "metrics", "mse",
     "normalization", "regularization", "rms_norm", "softmax_cross_entropy",
