@@ -6,6 +6,7 @@ later Pallas kernels are tested against).
 
 from lepton_jax.ops import activations, attention as attention_ops, losses, metrics, normalization, regularization
 from lepton_jax.ops.attention import attention, attention_reference
+from lepton_jax.ops.cross_entropy import linear_cross_entropy
 from lepton_jax.ops.activations import get_activation
 from lepton_jax.ops.losses import (
     binary_cross_entropy,
@@ -30,7 +31,7 @@ from lepton_jax.ops.regularization import l1_penalty, l2_penalty, weight_mask
 __all__ = [
     "MeanMetric", "accuracy", "activations", "attention", "attention_ops", "attention_reference", "binary_cross_entropy", "classification_counts",
     "classification_report", "compute_classification_metrics", "confusion_matrix", "get_activation",
-    "l1_penalty", "l2_penalty", "layer_norm", "losses", "mae", "merge_counts", "metrics", "mse",
+    "l1_penalty", "l2_penalty", "layer_norm", "linear_cross_entropy", "losses", "mae", "merge_counts", "metrics", "mse",
     "normalization", "regularization", "rms_norm", "softmax_cross_entropy",
     "softmax_cross_entropy_with_probs", "top_k_accuracy", "weight_mask",
 ]

@@ -1,8 +1,10 @@
 """LayerNorm and RMSNorm over the last axis, with an optional fused residual add.
 
-Statistics are computed in fp32; the output has ``x``'s dtype. These are the
-reference (``"xla"``) implementations; Pallas kernels plug in behind the same
-``implementation=`` argument.
+Statistics are computed in fp32; the output has ``x``'s dtype.
+``implementation``: ``"xla"`` is the jnp reference below (XLA fuses it);
+``"pallas"`` runs the fused kernels of ``lepton_jax.pallas.norm`` (interpret
+mode on CPU, family from ``LEPTON_PALLAS_BACKEND``); ``"auto"`` is the
+reference until GPU/TPU benchmarks show the kernel ahead.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ import jax.numpy as jnp
 
 from lepton_jax.ops import _checks
 
-IMPLEMENTATIONS = ("auto", "xla")
+IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
 
-def _prepare(where: str, x, scale, bias, residual, implementation):
+def _validate(where: str, x, scale, bias, residual, implementation) -> None:
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"{where}: implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     _checks.check_floating(where, "x", x)
@@ -27,8 +29,26 @@ def _prepare(where: str, x, scale, bias, residual, implementation):
             raise ValueError(f"{where}: {name} must have shape ({features},) (x's last axis), got {jnp.shape(param)}")
     if residual is not None:
         _checks.check_same_shape(where, "x", x, "residual", residual)
-        x = x + residual.astype(x.dtype)
-    return x
+        if residual.dtype != x.dtype:
+            raise TypeError(f"{where}: residual must have x's dtype {x.dtype}, got {residual.dtype}")
+
+
+def _pallas_norm(kind, x, scale, bias, eps, residual):
+    """Runs the fused kernel on x reshaped to [rows, hidden]."""
+    from lepton_jax.pallas import norm as norm_kernels
+    from lepton_jax.pallas.attention_common import pallas_backend
+
+    hidden = x.shape[-1]
+    if scale is None:
+        scale = jnp.ones((hidden,), jnp.float32)
+    config = norm_kernels.NormConfig(
+        kind=kind, eps=float(eps), hidden=hidden, has_residual=residual is not None, has_bias=bias is not None,
+        backend=pallas_backend(), interpret=jax.default_backend() not in ("gpu", "tpu"))
+    rows_x = x.reshape(-1, hidden)
+    rows_r = residual.reshape(-1, hidden) if residual is not None else None
+    y, h = norm_kernels.fused_norm(rows_x, rows_r, scale, bias, config)
+    y = y.reshape(x.shape)
+    return (y, h.reshape(x.shape)) if residual is not None else y
 
 
 def layer_norm(
@@ -47,7 +67,10 @@ def layer_norm(
       residual: optional ``[..., D]``; then ``h = x + residual`` is normalized
         and ``(layer_norm(h), h)`` is returned (the pre-norm block pattern).
     """
-    h = _prepare("layer_norm", x, scale, bias, residual, implementation)
+    _validate("layer_norm", x, scale, bias, residual, implementation)
+    if implementation == "pallas":
+        return _pallas_norm("layer", x, scale, bias, eps, residual)
+    h = x if residual is None else x + residual
     h32 = h.astype(jnp.float32)
     mean = jnp.mean(h32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(h32 - mean), axis=-1, keepdims=True)
@@ -72,7 +95,10 @@ def rms_norm(
 
     Shapes as ``layer_norm``; with ``residual`` returns ``(rms_norm(h), h)``.
     """
-    h = _prepare("rms_norm", x, scale, None, residual, implementation)
+    _validate("rms_norm", x, scale, None, residual, implementation)
+    if implementation == "pallas":
+        return _pallas_norm("rms", x, scale, None, eps, residual)
+    h = x if residual is None else x + residual
     h32 = h.astype(jnp.float32)
     y = h32 * jax.lax.rsqrt(jnp.mean(jnp.square(h32), axis=-1, keepdims=True) + eps)
     if scale is not None:
