@@ -9,7 +9,11 @@ Implementations:
   recomputes them from the saved per-token log-sum-exp and accumulates
   ``dw`` in fp32, so peak memory is ``O(chunk x vocab + hidden x vocab)``
   instead of ``O(tokens x vocab)``. The matmuls stay XLA's.
-- ``"auto"``: the reference on CPU, ``"chunked"`` on GPU/TPU.
+- ``"pallas"``: the fused kernels of ``lepton_jax.pallas.linear_cross_entropy``
+  (interpret mode on CPU, family from ``LEPTON_PALLAS_BACKEND``): logits exist
+  only as tiles; the backward recomputes them.
+- ``"auto"``: the reference on CPU, ``"chunked"`` on GPU/TPU (until GPU
+  benchmarks show the kernels ahead).
 
 Per token: ``loss = lse - (1 - eps) * logit[label] - eps * mean(logits)
 + z_loss * lse**2`` (label smoothing ``eps`` as optax's ``smooth_labels``),
@@ -26,7 +30,7 @@ import jax.numpy as jnp
 
 from lepton_jax.ops import _checks
 
-IMPLEMENTATIONS = ("auto", "xla", "chunked")
+IMPLEMENTATIONS = ("auto", "xla", "chunked", "pallas")
 _F32 = jnp.float32
 
 
@@ -139,6 +143,78 @@ def _chunked_bwd(config, saved, g_T):
 _chunked_token_losses.defvjp(_chunked_fwd, _chunked_bwd)
 
 
+@dataclasses.dataclass(frozen=True)
+class _KernelConfig:
+    tokens: int
+    ignore_index: int
+    eps: float
+    z_loss: float
+    kernel: object  # pallas.linear_cross_entropy.CEConfig
+
+
+def _kernel_inputs(x, w, labels, config: _KernelConfig):
+    """Pads to the blocks; ignored and padded tokens get label -1 (matches no column)."""
+    k = config.kernel
+    T, H = x.shape
+    H_pad = 1 << max(4, (H - 1).bit_length()) if k.backend == "gpu" else H
+    T_pad = -(-T // k.block_t) * k.block_t
+    V_pad = -(-k.vocab // k.block_v) * k.block_v
+    valid = labels != config.ignore_index
+    x_p = jnp.pad(x, ((0, T_pad - T), (0, H_pad - H)))
+    w_p = jnp.pad(w, ((0, H_pad - H), (0, V_pad - k.vocab)))
+    labels_p = jnp.pad(jnp.where(valid, labels, -1), (0, T_pad - T), constant_values=-1)[:, None]
+    return x_p, w_p, labels_p, jnp.pad(valid, (0, T_pad - T))[:, None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _pallas_token_losses(x, w, labels, config: _KernelConfig):
+    return _pallas_forward(x, w, labels, config)[0]
+
+
+def _pallas_forward(x, w, labels, config):
+    from lepton_jax.pallas import linear_cross_entropy as kernels
+
+    x_p, w_p, labels_p, valid = _kernel_inputs(x, w, labels, config)
+    lse, label_logit, logit_sum = kernels.token_statistics(x_p, w_p, labels_p, config.kernel)
+    loss = (lse - (1.0 - config.eps) * label_logit - config.eps * logit_sum / config.kernel.vocab
+            + config.z_loss * lse ** 2)
+    return jnp.where(valid, loss, 0.0)[:config.tokens, 0], lse
+
+
+def _pallas_fwd(x, w, labels, config):
+    loss_T, lse = _pallas_forward(x, w, labels, config)
+    return loss_T, (x, w, labels, lse)
+
+
+def _pallas_bwd(config, saved, g_T):
+    from lepton_jax.pallas import linear_cross_entropy as kernels
+
+    x, w, labels, lse = saved
+    x_p, w_p, labels_p, valid = _kernel_inputs(x, w, labels, config)
+    g = jnp.pad(g_T.astype(_F32), (0, x_p.shape[0] - config.tokens))[:, None]
+    b = jnp.where(valid, g, 0.0)
+    a = b * (1.0 + 2.0 * config.z_loss * lse)
+    dx, dw = kernels.token_gradients(x_p, w_p, labels_p, lse, a, b, config.kernel)
+    return dx[:config.tokens, :x.shape[1]], dw[:w.shape[0], :config.kernel.vocab], None
+
+
+_pallas_token_losses.defvjp(_pallas_fwd, _pallas_bwd)
+
+
+def _pallas_config(x, w, ignore_index, eps, z_loss) -> _KernelConfig:
+    from lepton_jax.pallas import linear_cross_entropy as kernels
+    from lepton_jax.pallas.attention_common import fit_block, pallas_backend
+
+    backend = pallas_backend()
+    interpret = jax.default_backend() not in ("gpu", "tpu")
+    minimum_t, minimum_v = (16, 16) if interpret or backend == "gpu" else (8, 128)
+    kernel = kernels.CEConfig(
+        vocab=w.shape[1], eps=float(eps), backend=backend, interpret=interpret,
+        block_t=fit_block(64, x.shape[0], minimum_t), block_v=fit_block(128, w.shape[1], minimum_v))
+    return _KernelConfig(tokens=x.shape[0], ignore_index=ignore_index, eps=float(eps), z_loss=float(z_loss),
+                         kernel=kernel)
+
+
 def default_chunk(vocab: int, budget_elements: int = 1 << 25) -> int:
     """Tokens per chunk so one chunk's fp32 logits hold about ``budget_elements``
     (32M: 128 MB); a power of two between 128 and 4096."""
@@ -166,7 +242,7 @@ def linear_cross_entropy(
       label_smoothing, z_loss: see the module docstring.
       reduction: "mean" over the counted tokens (0 when none), "sum", or
         "none" (``[tokens]`` fp32).
-      implementation: "auto", "xla" or "chunked".
+      implementation: "auto", "xla", "chunked" or "pallas".
       chunk_size: tokens per chunk for "chunked" (default ``default_chunk``).
 
     Gradients flow to ``x`` and ``w``.
@@ -176,6 +252,9 @@ def linear_cross_entropy(
         implementation = "xla" if jax.default_backend() == "cpu" else "chunked"
     if implementation == "xla":
         loss_T = _reference_token_losses(x, w, labels, ignore_index, label_smoothing, z_loss)
+    elif implementation == "pallas":
+        config = _pallas_config(x, w, ignore_index, label_smoothing, z_loss)
+        loss_T = _pallas_token_losses(x, w, labels.astype(jnp.int32), config)
     else:
         chunk = chunk_size or default_chunk(w.shape[1])
         chunk = min(chunk, max(1, x.shape[0]))

@@ -1,5 +1,6 @@
-"""Fused norm kernels (both Pallas families, interpret mode) and the chunked
-linear cross-entropy, against their jnp twins and optax; memory; errors."""
+"""Fused norm kernels and linear cross-entropy (chunked, and both Pallas
+families in interpret mode) against their jnp twins and optax; memory; TPU
+lowering; errors."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from lepton_jax import nn, ops
+from lepton_jax.ops import cross_entropy
+from lepton_jax.pallas import linear_cross_entropy as ce_kernels
 from lepton_jax.pallas import norm as norm_kernels
 
 TOLERANCE = {jnp.float32: 1e-4, jnp.bfloat16: 3e-2, jnp.float16: 4e-3}
@@ -82,12 +85,21 @@ def _ce_inputs(seed, T, H, V, ignore_every=0, dtype=jnp.float32):
     return x, w, labels
 
 
-@settings(max_examples=12, deadline=None)
+@pytest.mark.parametrize("implementation, backend", [("chunked", None), ("pallas", "gpu"), ("pallas", "tpu")])
+@settings(max_examples=4, deadline=None)  # each drawn shape compiles anew: keep the suite fast
 @given(T=st.integers(1, 300), H=st.integers(1, 40), V=st.integers(2, 700), chunk=st.sampled_from([16, 64, 128]),
        eps=st.sampled_from([0.0, 0.1]), z_loss=st.sampled_from([0.0, 1e-3]), ignore_every=st.sampled_from([0, 3]),
        reduction=st.sampled_from(["mean", "sum", "none"]), dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
        seed=st.integers(0, 50))
-def test_chunked_matches_reference(T, H, V, chunk, eps, z_loss, ignore_every, reduction, dtype, seed):
+def test_fused_linear_ce_matches_reference(implementation, backend, T, H, V, chunk, eps, z_loss, ignore_every,
+                                           reduction, dtype, seed):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        if backend:
+            monkeypatch.setenv("LEPTON_PALLAS_BACKEND", backend)
+        _check_linear_ce(implementation, T, H, V, chunk, eps, z_loss, ignore_every, reduction, dtype, seed)
+
+
+def _check_linear_ce(implementation, T, H, V, chunk, eps, z_loss, ignore_every, reduction, dtype, seed):
     x, w, labels = _ce_inputs(seed, T, H, V, ignore_every, dtype)
 
     def f(implementation):
@@ -97,7 +109,7 @@ def test_chunked_matches_reference(T, H, V, chunk, eps, z_loss, ignore_every, re
             return jnp.sum(out * jnp.arange(1, out.size + 1).reshape(out.shape))  # weights exercise "none"
         return jax.value_and_grad(loss, argnums=(0, 1))
 
-    (expected, (dx_ref, dw_ref)), (got, (dx, dw)) = f("xla")(x, w), f("chunked")(x, w)
+    (expected, (dx_ref, dw_ref)), (got, (dx, dw)) = f("xla")(x, w), f(implementation)(x, w)
     _close(got, expected, jnp.float32 if dtype == jnp.float32 else dtype, "loss")
     assert dx.dtype == x.dtype and dw.dtype == w.dtype
     _close(dx, dx_ref, dtype, "dx")
@@ -110,7 +122,7 @@ def test_reference_matches_optax_and_ignored_tokens_contribute_nothing():
     logits = x @ w
     targets = optax.smooth_labels(jax.nn.one_hot(labels[keep], 30), 0.1)
     expected = optax.softmax_cross_entropy(logits[keep], targets).mean()
-    for implementation in ("xla", "chunked"):
+    for implementation in ("xla", "chunked", "pallas"):
         loss = ops.linear_cross_entropy(x, w, labels, label_smoothing=0.1, implementation=implementation,
                                         chunk_size=16)
         np.testing.assert_allclose(loss, expected, rtol=1e-5)
@@ -125,7 +137,7 @@ def test_reference_matches_optax_and_ignored_tokens_contribute_nothing():
 def test_all_ignored_batch_gives_zero_loss_and_gradients():
     x, w, _ = _ce_inputs(1, 20, 8, 30)
     labels = jnp.full((20,), -100)
-    for implementation in ("xla", "chunked"):
+    for implementation in ("xla", "chunked", "pallas"):
         loss, (dx, dw) = jax.value_and_grad(
             lambda x, w: ops.linear_cross_entropy(x, w, labels, implementation=implementation, chunk_size=8),
             argnums=(0, 1))(x, w)
@@ -161,7 +173,31 @@ def test_linear_cross_entropy_errors():
         ops.linear_cross_entropy(x, w, labels.astype(jnp.float32))
     with pytest.raises(ValueError, match=r"x must have rank 2 \[tokens, hidden\], got shape \(2, 5, 8\)"):
         ops.linear_cross_entropy(x.reshape(2, 5, 8), w, labels)
-    with pytest.raises(ValueError, match=r"implementation must be one of \('auto', 'xla', 'chunked'\)"):
-        ops.linear_cross_entropy(x, w, labels, implementation="pallas")
+    with pytest.raises(ValueError, match=r"implementation must be one of \('auto', 'xla', 'chunked', 'pallas'\)"):
+        ops.linear_cross_entropy(x, w, labels, implementation="triton")
     with pytest.raises(ValueError, match="z_loss must be >= 0, got -1"):
         ops.linear_cross_entropy(x, w, labels, z_loss=-1)
+
+
+def test_tpu_kernels_lower_for_the_tpu_platform():
+    """Norm and linear cross-entropy kernels lower for TPU from this machine."""
+    T, H, V = 1000, 768, 5000
+    kernel = ce_kernels.CEConfig(vocab=V, eps=0.1, backend="tpu", interpret=False, block_t=128, block_v=512)
+    config = cross_entropy._KernelConfig(tokens=T, ignore_index=-100, eps=0.1, z_loss=1e-4, kernel=kernel)
+    ce_loss = lambda x, w, l: jnp.sum(cross_entropy._pallas_token_losses(x, w, l, config))  # noqa: E731
+    lowered = jax.jit(jax.grad(ce_loss, argnums=(0, 1))).trace(
+        jax.ShapeDtypeStruct((T, H), jnp.bfloat16), jax.ShapeDtypeStruct((H, V), jnp.bfloat16),
+        jax.ShapeDtypeStruct((T,), jnp.int32)).lower(lowering_platforms=("tpu",))
+    assert lowered.as_text().count("tpu_custom_call") == 3  # forward, dx, dw
+
+    norm_config = norm_kernels.NormConfig(kind="layer", eps=1e-5, hidden=1000, has_residual=True, has_bias=True,
+                                          backend="tpu", interpret=False)
+
+    def norm_loss(x, r, s, b):
+        y, h = norm_kernels.fused_norm(x, r, s, b, norm_config)
+        return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h.astype(jnp.float32))
+
+    x = jax.ShapeDtypeStruct((1000, 1000), jnp.bfloat16)
+    s = jax.ShapeDtypeStruct((1000,), jnp.float32)
+    lowered = jax.jit(jax.grad(norm_loss, argnums=(0, 1, 2, 3))).trace(x, x, s, s).lower(lowering_platforms=("tpu",))
+    assert lowered.as_text().count("tpu_custom_call") == 2  # forward, backward
