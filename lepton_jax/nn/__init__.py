@@ -6,9 +6,9 @@ from lepton_jax.nn.embed import Embed
 from lepton_jax.nn.linear import MLP, Dense
 from lepton_jax.nn.normalization import BatchNorm, LayerNorm, RMSNorm
 from lepton_jax.nn.pooling import AvgPool, MaxPool, avg_pool, max_pool
-from lepton_jax.nn.recurrent import GRU, LSTM
+from lepton_jax.nn.recurrent import GRU, LSTM, Bidirectional
 
 __all__ = [
-    "AvgPool", "BatchNorm", "Conv", "Dense", "Dropout", "Embed", "GRU", "LSTM", "LayerNorm", "MLP",
+    "AvgPool", "BatchNorm", "Bidirectional", "Conv", "Dense", "Dropout", "Embed", "GRU", "LSTM", "LayerNorm", "MLP",
     "MaxPool", "RMSNorm", "avg_pool", "max_pool",
 ]

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
+
+_LAYOUTS = {1: "[batch, length, channels]", 2: "[batch, height, width, channels]"}
 
 
 def check_float_input(where: str, x: jax.Array, min_rank: int = 1) -> None:
@@ -13,7 +17,7 @@ def check_float_input(where: str, x: jax.Array, min_rank: int = 1) -> None:
         raise ValueError(f"{where}: x must have rank >= {min_rank}, got shape {jnp.shape(x)}")
 
 
-def as_tuple(where: str, name: str, value, n: int) -> tuple[int, ...]:
+def as_tuple(where: str, name: str, value: int | Sequence[int], n: int) -> tuple[int, ...]:
     """An int broadcast to ``n`` dims, or a length-``n`` sequence."""
     if isinstance(value, int):
         return (value,) * n
@@ -23,10 +27,27 @@ def as_tuple(where: str, name: str, value, n: int) -> tuple[int, ...]:
     return value
 
 
-def check_stored_in_features(module, where: str, x: jax.Array, axis: int, what: str) -> None:
-    """On apply, compares ``x``'s last axis with the stored kernel's input axis,
-    so a mismatch names the layer and shapes instead of an initializer."""
-    if module.has_variable("params", "kernel"):
-        expected = jnp.shape(module.get_variable("params", "kernel"))[axis]
+def spatial_window(where: str, name: str, size: int | Sequence[int], x: jax.Array) -> tuple[int, ...]:
+    """Checks a channels-last ``x`` of 1 or 2 spatial axes against a window
+    ``size`` (kernel or pool); an int applies to every spatial axis of ``x``."""
+    check_float_input(where, x)
+    if isinstance(size, int):
+        if x.ndim not in (3, 4):
+            raise ValueError(f"{where}: x must have rank 3 {_LAYOUTS[1]} or 4 {_LAYOUTS[2]}, got shape {x.shape}")
+        return (size,) * (x.ndim - 2)
+    size = tuple(size)
+    if len(size) not in (1, 2):
+        raise ValueError(f"{where}: {name} must be an int or have 1 or 2 entries, got {size}")
+    n = len(size)
+    if x.ndim != n + 2:
+        raise ValueError(f"{where}: x must have rank {n + 2} {_LAYOUTS[n]} for a {n}D {name}, got shape {x.shape}")
+    return size
+
+
+def check_stored_in_features(module, where: str, x: jax.Array, axis: int, what: str, param: str = "kernel") -> None:
+    """On apply, compares ``x``'s last axis with axis ``axis`` of the stored
+    ``param``, so a mismatch names the layer and shapes instead of an initializer."""
+    if module.has_variable("params", param):
+        expected = jnp.shape(module.get_variable("params", param))[axis]
         if x.shape[-1] != expected:
             raise ValueError(f"{where}: x must have {expected} {what} (last axis), got shape {x.shape}")

@@ -8,7 +8,7 @@ import flax.linen as linen
 import jax
 import jax.numpy as jnp
 
-from lepton_jax.nn._checks import as_tuple, check_float_input, check_stored_in_features
+from lepton_jax.nn._checks import as_tuple, check_stored_in_features, spatial_window
 
 Padding = str | int | Sequence[tuple[int, int]]
 
@@ -28,11 +28,13 @@ def conv_padding(where: str, padding: Padding, n: int) -> str | list[tuple[int, 
 
 
 class Conv(linen.Module):
-    """Convolution over 1 or 2 spatial axes, ``len(kernel_size)`` of them.
+    """Cross-correlation over 1 or 2 spatial axes (``len(kernel_size)``; an int
+    kernel_size covers every spatial axis of ``x``).
 
-    ``x`` is ``[B, L, C]`` (1D) or ``[B, H, W, C]`` (2D); the output has
-    ``features`` channels. ``strides``, ``dilation`` (kernel dilation) are ints
-    or per-axis; ``padding`` is "SAME", "VALID", an int or per-axis pairs.
+    ``x`` is ``[B, L, C]`` (1D) or ``[B, H, W, C]`` (2D) -> ``[B, L', features]``
+    or ``[B, H', W', features]``. ``strides`` and ``dilation`` (kernel
+    dilation) are ints or per-axis; ``padding`` is "SAME", "VALID", an int for
+    every side or per-axis ``(low, high)`` pairs. Kernel: ``[*kernel_size, C, features]``.
     """
 
     features: int
@@ -48,14 +50,8 @@ class Conv(linen.Module):
 
     @linen.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel_size = (self.kernel_size,) if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
+        kernel_size = spatial_window("Conv", "kernel_size", self.kernel_size, x)
         n = len(kernel_size)
-        if n not in (1, 2):
-            raise ValueError(f"Conv: kernel_size must have 1 or 2 entries, got {kernel_size}")
-        check_float_input("Conv", x)
-        if x.ndim != n + 2:
-            layout = "[batch, length, channels]" if n == 1 else "[batch, height, width, channels]"
-            raise ValueError(f"Conv: x must have rank {n + 2} {layout}, got shape {x.shape}")
         strides = as_tuple("Conv", "strides", self.strides, n)
         dilation = as_tuple("Conv", "dilation", self.dilation, n)
         padding = conv_padding("Conv", self.padding, n)

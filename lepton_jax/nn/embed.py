@@ -12,7 +12,11 @@ import jax.numpy as jnp
 class Embed(linen.Module):
     """Looks up integer ids ``[...]`` in a ``[num_embeddings, features]`` table
     -> ``[..., features]``. ``attend(x)`` computes ``x @ table.T`` (tied
-    output layer)."""
+    output layer).
+
+    Ids outside ``[0, num_embeddings)`` give NaN rows (``jnp.take``'s fill
+    mode) rather than silently clamping.
+    """
 
     num_embeddings: int
     features: int

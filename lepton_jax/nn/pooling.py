@@ -8,18 +8,14 @@ import flax.linen as linen
 import jax
 import jax.numpy as jnp
 
-from lepton_jax.nn._checks import as_tuple, check_float_input
+from lepton_jax.nn._checks import as_tuple, spatial_window
 from lepton_jax.nn.conv import Padding, conv_padding
 
 
-def _pool_args(where, x, window, strides, padding):
-    window = (window,) if isinstance(window, int) else tuple(window)
+def _pool_args(where: str, x: jax.Array, window, strides, padding):
+    """Window, strides and padding over all of ``x``'s axes (1 on batch and channels)."""
+    window = spatial_window(where, "window", window, x)
     n = len(window)
-    if n not in (1, 2):
-        raise ValueError(f"{where}: window must have 1 or 2 entries, got {window}")
-    check_float_input(where, x)
-    if x.ndim != n + 2:
-        raise ValueError(f"{where}: x must have rank {n + 2} [batch, *spatial({n}), channels], got shape {x.shape}")
     strides = window if strides is None else as_tuple(where, "strides", strides, n)
     pad = conv_padding(where, padding, n)
     if not isinstance(pad, str):
@@ -29,25 +25,37 @@ def _pool_args(where, x, window, strides, padding):
 
 def max_pool(x: jax.Array, window: int | Sequence[int], strides: int | Sequence[int] | None = None,
              padding: Padding = "VALID") -> jax.Array:
-    """Max over windows; ``x`` ``[B, L, C]`` or ``[B, H, W, C]``; strides default to the window.
-    Padded positions never win (they count as -inf)."""
+    """Maximum over windows: ``[B, L, C]`` or ``[B, H, W, C]`` -> same rank.
+
+    ``window`` has 1 or 2 entries (an int covers every spatial axis of ``x``);
+    ``strides`` default to the window. Padded positions count as ``-inf`` so
+    they never win.
+    """
     dims, strides, pad = _pool_args("max_pool", x, window, strides, padding)
+    # A Python-scalar init keeps lax's differentiable reduce_window_max primitive
+    # (an array init falls back to a generic reduce_window without autodiff).
     return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, strides, pad)
 
 
 def avg_pool(x: jax.Array, window: int | Sequence[int], strides: int | Sequence[int] | None = None,
              padding: Padding = "VALID") -> jax.Array:
-    """Mean over windows. With padding, each window averages only its real
-    (unpadded) elements."""
+    """Mean over windows, arguments as ``max_pool``.
+
+    With padding ("SAME", an int or pairs) each window averages only its real
+    elements: a border window covering 2 real elements of 4 is their mean, not
+    half of it (padding is not counted as zeros).
+    """
     dims, strides, pad = _pool_args("avg_pool", x, window, strides, padding)
     sums = jax.lax.reduce_window(x, 0.0, jax.lax.add, dims, strides, pad)
-    counts = jax.lax.reduce_window(jnp.ones(x.shape[1:-1], x.dtype)[None, ..., None], 0.0, jax.lax.add,
-                                   dims, strides, pad)
+    # Count real elements per window with the same reduction over ones; the
+    # count depends only on the spatial shape, so batch and channels are 1.
+    ones = jnp.ones((1, *x.shape[1:-1], 1), x.dtype)
+    counts = jax.lax.reduce_window(ones, 0.0, jax.lax.add, dims, strides, pad)
     return sums / counts
 
 
 class MaxPool(linen.Module):
-    """Module form of ``max_pool``."""
+    """Module form of ``max_pool`` (no parameters)."""
 
     window: int | Sequence[int]
     strides: int | Sequence[int] | None = None
@@ -58,7 +66,7 @@ class MaxPool(linen.Module):
 
 
 class AvgPool(linen.Module):
-    """Module form of ``avg_pool``."""
+    """Module form of ``avg_pool`` (no parameters)."""
 
     window: int | Sequence[int]
     strides: int | Sequence[int] | None = None

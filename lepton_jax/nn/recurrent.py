@@ -4,7 +4,9 @@ Both take ``x_BxTxF`` and return ``(outputs_BxTxH, final_carry)``. Given
 ``lengths`` ``[B]`` (or ``mask`` ``[B, T]``), the carry stops changing after
 each sequence's last valid step, so ``final_carry`` is the state there, and
 outputs at invalid steps are 0. The input projection of every step is one
-matmul before the scan; only the recurrent matmul runs inside it.
+matmul before the scan; only the recurrent matmul runs inside it. All
+parameters are created before the scan and closed over, so a plain
+``jax.lax.scan`` works with ``init``/``apply``/``jit`` (no lifted transform).
 """
 
 from __future__ import annotations
@@ -38,6 +40,15 @@ def _time_mask(where: str, x_BxTxF: jax.Array, lengths: jax.Array | None, mask: 
             raise ValueError(f"{where}: mask must have shape ({B}, {T}), got {jnp.shape(mask)}")
         return mask.astype(bool)
     return jnp.ones((B, T), bool)
+
+
+def _initial_carry(where: str, initial_carry: Carry | None, zeros: Carry) -> Carry:
+    if initial_carry is None:
+        return zeros
+    expected, got = jax.tree.map(jnp.shape, zeros), jax.tree.map(jnp.shape, initial_carry)
+    if got != expected:
+        raise ValueError(f"{where}: initial_carry must have shapes {expected}, got {got}")
+    return jax.tree.map(lambda c, z: c.astype(z.dtype), initial_carry, zeros)
 
 
 def _scan(step: Callable, carry: Carry, inputs_BxTxG: jax.Array, valid_BxT: jax.Array, reverse: bool):
@@ -90,10 +101,9 @@ class LSTM(linen.Module):
             h_BxH = jax.nn.sigmoid(o) * jnp.tanh(c_BxH)
             return (c_BxH, h_BxH), h_BxH
 
-        if initial_carry is None:
-            zeros = jnp.zeros((B, H), gates_in_BxTx4H.dtype)
-            initial_carry = (zeros, zeros)
-        return _scan(step, initial_carry, gates_in_BxTx4H, valid_BxT, self.reverse)
+        zeros_BxH = jnp.zeros((B, H), gates_in_BxTx4H.dtype)
+        carry = _initial_carry("LSTM", initial_carry, (zeros_BxH, zeros_BxH))
+        return _scan(step, carry, gates_in_BxTx4H, valid_BxT, self.reverse)
 
 
 class GRU(linen.Module):
@@ -132,6 +142,28 @@ class GRU(linen.Module):
             h_BxH = (1.0 - z) * n + z * h_BxH
             return h_BxH, h_BxH
 
-        if initial_carry is None:
-            initial_carry = jnp.zeros((B, H), gates_in_BxTx3H.dtype)
-        return _scan(step, initial_carry, gates_in_BxTx3H, valid_BxT, self.reverse)
+        carry = _initial_carry("GRU", initial_carry, jnp.zeros((B, H), gates_in_BxTx3H.dtype))
+        return _scan(step, carry, gates_in_BxTx3H, valid_BxT, self.reverse)
+
+
+class Bidirectional(linen.Module):
+    """Runs ``forward`` (``reverse=False``) and ``backward`` (``reverse=True``)
+    recurrent layers over the same sequence and concatenates their outputs.
+
+    ``x_BxTxF`` -> ``(outputs_BxTx(Hf+Hb), (forward_carry, backward_carry))``;
+    ``lengths``/``mask`` go to both, so the backward layer starts at each
+    sequence's last valid step.
+    """
+
+    forward: linen.Module
+    backward: linen.Module
+
+    def __call__(self, x_BxTxF: jax.Array, *, lengths: jax.Array | None = None,
+                 mask: jax.Array | None = None) -> tuple[jax.Array, tuple[Carry, Carry]]:
+        for name, layer, expected in (("forward", self.forward, False), ("backward", self.backward, True)):
+            if getattr(layer, "reverse", None) is not expected:
+                raise ValueError(f"Bidirectional: {name} must be a recurrent layer with reverse={expected}, "
+                                 f"got {type(layer).__name__} with reverse={getattr(layer, 'reverse', None)}")
+        out_fwd_BxTxH, carry_fwd = self.forward(x_BxTxF, lengths=lengths, mask=mask)
+        out_bwd_BxTxH, carry_bwd = self.backward(x_BxTxF, lengths=lengths, mask=mask)
+        return jnp.concatenate([out_fwd_BxTxH, out_bwd_BxTxH], axis=-1), (carry_fwd, carry_bwd)
