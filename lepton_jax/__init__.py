@@ -7,6 +7,6 @@ Subpackages: ``nn`` (linen layers), ``ops`` (functional ops, losses, metrics),
 
 __version__ = "0.1.0"
 
-from lepton_jax import checkpoint, config, data, models, nn, ops, optim, train  # noqa: E402
+from lepton_jax import checkpoint, config, data, models, nn, ops, optim, parallel, train  # noqa: E402
 
-__all__ = ["__version__", "checkpoint", "config", "data", "models", "nn", "ops", "optim", "train"]
+__all__ = ["__version__", "checkpoint", "config", "data", "models", "nn", "ops", "optim", "parallel", "train"]

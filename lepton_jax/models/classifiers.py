@@ -23,7 +23,11 @@ def _check_images(x: jax.Array, where: str) -> None:
 
 
 class MLPClassifier(linen.Module):
-    """Flattens images and applies an MLP: ``[B, H, W, C] -> [B, num_classes]``."""
+    """Flattens images and applies an MLP: ``[B, H, W, C] -> [B, num_classes]``.
+
+    Kernels carry logical axes (hidden layers alternate ``("embed", "mlp")``
+    and ``("mlp", "embed")``), so FSDP and tensor-parallel rules shard them.
+    """
 
     num_classes: int = 10
     hidden: Sequence[int] = (256, 128)
@@ -33,7 +37,11 @@ class MLPClassifier(linen.Module):
     def __call__(self, x_BxHxWxC: jax.Array, *, train: bool = False) -> jax.Array:
         _check_images(x_BxHxWxC, "MLPClassifier")
         x_BxF = x_BxHxWxC.reshape(x_BxHxWxC.shape[0], -1)
-        mlp = nn.MLP(features=(*self.hidden, self.num_classes), dropout_rate=self.dropout_rate)
+        widths = (*self.hidden, self.num_classes)
+        axes = [(None, "mlp") if i == 0 else (("mlp", "embed") if i % 2 else ("embed", "mlp"))
+                for i in range(len(widths) - 1)]
+        axes.append(("mlp" if len(widths) % 2 == 0 else "embed", None) if len(widths) > 1 else (None, None))
+        mlp = nn.MLP(features=widths, dropout_rate=self.dropout_rate, kernel_axes=axes)
         return mlp(x_BxF, deterministic=not train)
 
 

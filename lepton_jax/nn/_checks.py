@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import flax.linen as linen
 import jax
 import jax.numpy as jnp
 
@@ -48,6 +49,8 @@ def check_stored_in_features(module, where: str, x: jax.Array, axis: int, what: 
     """On apply, compares ``x``'s last axis with axis ``axis`` of the stored
     ``param``, so a mismatch names the layer and shapes instead of an initializer."""
     if module.has_variable("params", param):
-        expected = jnp.shape(module.get_variable("params", param))[axis]
+        # Variables straight from init may still be boxed with their logical axes.
+        stored = linen.meta.unbox(module.get_variable("params", param))
+        expected = jnp.shape(stored)[axis]
         if x.shape[-1] != expected:
             raise ValueError(f"{where}: x must have {expected} {what} (last axis), got shape {x.shape}")

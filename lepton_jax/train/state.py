@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import flax.linen as nn
+import flax.linen as linen
 import jax
 import jax.numpy as jnp
 import optax
@@ -45,7 +45,7 @@ class TrainState:
 
 
 def create_train_state(
-    model: nn.Module,
+    model: linen.Module,
     tx: optax.GradientTransformation,
     example_inputs: jax.Array,
     *,
@@ -70,7 +70,9 @@ def create_train_state(
     # Shapes only: initialisation must not depend on the example's values.
     example = jnp.zeros(jnp.shape(example_inputs), jnp.asarray(example_inputs).dtype)
     variables = model.init({"params": init_key, "dropout": dropout_key}, example, train=False)
-    variables = dict(variables)
+    # Logical-axis boxes (with_logical_partitioning) describe sharding; the
+    # state holds plain arrays.
+    variables = dict(linen.meta.unbox(variables))
     params = variables.pop("params")
     return TrainState(
         step=jnp.zeros((), jnp.int32),

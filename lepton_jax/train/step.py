@@ -57,6 +57,7 @@ def make_train_step(
     input_key: str = "image",
     regularizer: Callable[[Any], jax.Array] | None = None,
     augment_fn: AugmentFn | None = None,
+    axis_name: str | None = None,
     jit: bool = True,
     donate: bool = False,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
@@ -70,6 +71,8 @@ def make_train_step(
       regularizer: optional ``params -> scalar`` added to the loss (e.g.
         ``lambda p: 1e-4 * ops.l2_penalty(p)``); reported as ``"penalty"``.
       augment_fn: optional ``(key, inputs) -> inputs`` applied before the model.
+      axis_name: inside ``shard_map``/``pmap`` over this data axis, gradients
+        and metrics are averaged across it (``lax.pmean``).
       jit: wrap the step in ``jax.jit``.
       donate: donate the incoming state's buffers (saves memory; the caller
         must not reuse the old state).
@@ -98,6 +101,8 @@ def make_train_step(
             return loss + penalty, (loss, penalty, aux, new_model_state)
 
         grads, (loss, penalty, aux, new_model_state) = jax.grad(objective, has_aux=True)(state.params)
+        if axis_name is not None:
+            grads, loss, penalty, aux = jax.lax.pmean((grads, loss, penalty, aux), axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(

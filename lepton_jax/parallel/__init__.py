@@ -1,0 +1,33 @@
+"""SPMD: meshes from config, logical-axis rules, sharded/shard_map/pmap steps."""
+
+from lepton_jax.parallel.mesh import describe_mesh, make_mesh
+from lepton_jax.parallel.rules import (
+    DATA_PARALLEL,
+    FSDP,
+    FSDP_TENSOR,
+    LOGICAL_AXES,
+    PRESETS,
+    TENSOR,
+    batch_sharding,
+    get_rules,
+    logical_sharding,
+    opt_state_shardings,
+    param_shardings,
+)
+from lepton_jax.parallel.steps import (
+    create_sharded_train_state,
+    make_pmap_train_step,
+    make_shard_map_train_step,
+    make_sharded_train_step,
+    replicate,
+    shard_batch,
+    split_for_pmap,
+    state_shardings,
+)
+
+__all__ = [
+    "DATA_PARALLEL", "FSDP", "FSDP_TENSOR", "LOGICAL_AXES", "PRESETS", "TENSOR", "batch_sharding",
+    "create_sharded_train_state", "describe_mesh", "get_rules", "logical_sharding", "make_mesh",
+    "make_pmap_train_step", "make_shard_map_train_step", "make_sharded_train_step", "opt_state_shardings",
+    "param_shardings", "replicate", "shard_batch", "split_for_pmap", "state_shardings",
+]
