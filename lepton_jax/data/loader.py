@@ -23,6 +23,10 @@ class BatchIterator:
       seed: seed of the shuffles.
       drop_remainder: drop the last incomplete batch of each epoch (keeps one
         shape under jit); otherwise it is yielded smaller.
+      num_shards, shard_index: multi-host loading: ``batch_size`` is the
+        global batch and this iterator yields only rows
+        ``[shard_index * b, (shard_index + 1) * b)`` of each, ``b =
+        batch_size / num_shards`` (every process draws the same permutation).
     """
 
     def __init__(
@@ -33,8 +37,17 @@ class BatchIterator:
         shuffle: bool = True,
         seed: int = 0,
         drop_remainder: bool = True,
+        num_shards: int = 1,
+        shard_index: int = 0,
     ) -> None:
         self.num_examples = num_examples(data, "BatchIterator")
+        if num_shards < 1 or not 0 <= shard_index < num_shards:
+            raise ValueError(
+                f"BatchIterator: need num_shards >= 1 and 0 <= shard_index < num_shards, got {num_shards}, {shard_index}")
+        if batch_size % num_shards:
+            raise ValueError(f"BatchIterator: batch_size {batch_size} must divide into num_shards={num_shards} shards")
+        if num_shards > 1 and not drop_remainder:
+            raise ValueError("BatchIterator: sharded loading needs drop_remainder=True (equal rows per process)")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"BatchIterator: batch_size must be a positive int, got {batch_size!r}")
         if drop_remainder and batch_size > self.num_examples:
@@ -47,6 +60,7 @@ class BatchIterator:
         self.shuffle = shuffle
         self.seed = int(seed)
         self.drop_remainder = drop_remainder
+        self.num_shards, self.shard_index = num_shards, shard_index
         self.epoch = 0
         self.position = 0
         self._order = self._epoch_order(0)
@@ -71,6 +85,9 @@ class BatchIterator:
             self._order = self._epoch_order(self.epoch)
         start = self.position * self.batch_size
         index = self._order[start:start + self.batch_size]
+        if self.num_shards > 1:
+            rows = self.batch_size // self.num_shards
+            index = index[self.shard_index * rows:(self.shard_index + 1) * rows]
         self.position += 1
         return {name: array[index] for name, array in self.data.items()}
 

@@ -31,3 +31,7 @@ __all__ = [
     "make_pmap_train_step", "make_shard_map_train_step", "make_sharded_train_step", "opt_state_shardings",
     "param_shardings", "replicate", "shard_batch", "split_for_pmap", "state_shardings",
 ]
+
+from lepton_jax.parallel.distributed import global_batch, initialize, is_main_process  # noqa: E402
+
+__all__ += ["global_batch", "initialize", "is_main_process"]

@@ -88,7 +88,10 @@ def fit(
     if checkpoint_every is None:
         checkpoint_every = eval_every
 
-    logger = MetricLogger(output_dir, tensorboard=tensorboard)
+    # With several processes only the first writes logs, plots and the bar;
+    # every process takes part in checkpoint saves (Orbax coordinates them).
+    main = jax.process_index() == 0
+    logger = MetricLogger(output_dir if main else None, tensorboard=tensorboard)
     manager = None
     resumed_from = None
     if output_dir is not None:
@@ -100,7 +103,7 @@ def fit(
 
     start = int(state.step)
     eval_metrics = None
-    bar = _progress_bar(total_steps, start, progress)
+    bar = _progress_bar(total_steps, start, progress and main)
     window: list[dict[str, jax.Array]] = []
     window_start = time.perf_counter()
     try:
@@ -126,7 +129,7 @@ def fit(
             manager.close()
         logger.close()
 
-    if plot and output_dir is not None and logger.history:
+    if plot and main and output_dir is not None and logger.history:
         plot_history(logger.history, os.path.join(output_dir, "curves.png"))
     return FitResult(state=state, history=logger.history, eval_metrics=eval_metrics, resumed_from=resumed_from)
 

@@ -147,3 +147,17 @@ def test_digits_is_real_and_well_formed():
     assert d["label"].shape == (1797,) and d["label"].dtype == np.int32
     assert d["image"].min() == 0.0 and d["image"].max() == 1.0
     assert sorted(np.unique(d["label"]).tolist()) == list(range(10)) and len(data.CLASS_NAMES) == 10
+
+
+def test_sharded_iterators_partition_each_global_batch():
+    d = _dataset(48)
+    whole = data.BatchIterator(d, 12, seed=4)
+    shards = [data.BatchIterator(d, 12, seed=4, num_shards=3, shard_index=i) for i in range(3)]
+    for _ in range(6):  # crosses an epoch boundary
+        expected = next(whole)["x"]
+        got = np.concatenate([next(s)["x"] for s in shards])
+        np.testing.assert_array_equal(got, expected)
+    with pytest.raises(ValueError, match="batch_size 12 must divide into num_shards=5 shards"):
+        data.BatchIterator(d, 12, num_shards=5, shard_index=0)
+    with pytest.raises(ValueError, match=r"0 <= shard_index < num_shards, got 2, 2"):
+        data.BatchIterator(d, 12, num_shards=2, shard_index=2)

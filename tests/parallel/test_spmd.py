@@ -155,3 +155,15 @@ def test_make_mesh_resolves_and_explains():
         parallel.get_rules("zero")
     with pytest.raises(ValueError, match=r"batch\['x'\] has 6 rows, not divisible by 8 devices"):
         parallel.split_for_pmap({"x": np.ones((6, 2))})
+
+
+def test_initialize_rejects_partial_arguments(monkeypatch):
+    for name in ("LEPTON_COORDINATOR", "LEPTON_NUM_PROCESSES", "LEPTON_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match="give coordinator_address, num_processes and process_id together"):
+        parallel.initialize("localhost:1234", 2)
+    with pytest.raises(ValueError, match=r"process_id must be in \[0, 2\), got 5"):
+        parallel.initialize("localhost:1234", 2, 5)
+    monkeypatch.setenv("LEPTON_NUM_PROCESSES", "two")
+    with pytest.raises(ValueError, match="LEPTON_NUM_PROCESSES must be an integer, got 'two'"):
+        parallel.initialize()

@@ -1,0 +1,55 @@
+"""Two processes on localhost (jax.distributed, gloo CPU collectives) train
+data-parallel on per-process shards and report the losses one process gets
+on the same global batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from lepton_jax import data, train
+
+sys.path.insert(0, os.path.dirname(__file__))
+from multihost_common import STEPS, make_problem  # noqa: E402
+
+WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one():
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    workers = [subprocess.Popen([sys.executable, WORKER, str(port), str(i)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    outputs = []
+    try:
+        for worker in workers:
+            out, err = worker.communicate(timeout=240)
+            assert worker.returncode == 0, err[-3000:]
+            outputs.append(out)
+    finally:
+        for worker in workers:
+            worker.kill()
+    losses = [json.loads(next(line for line in out.splitlines() if line.startswith("LOSSES "))[7:])
+              for out in outputs]
+    assert losses[0] == losses[1]  # both processes see the same replicated loss
+
+    model, tx, loss_fn, dataset, batch_size = make_problem()
+    batches = data.BatchIterator(dataset, batch_size, seed=0)
+    state = train.create_train_state(model, tx, dataset["image"][:1], seed=0)
+    step = train.make_train_step(model, tx, loss_fn)
+    expected = []
+    for _ in range(STEPS):
+        state, metrics = step(state, next(batches))
+        expected.append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses[0], expected, rtol=2e-5)
