@@ -11,7 +11,7 @@ through ``lepton_jax.ops`` (``implementation=`` picks the kernels).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import flax.linen as linen
 import jax
@@ -39,6 +39,11 @@ class GPTConfig:
     attention_implementation: str = "auto"
     norm_implementation: str = "auto"
     remat: bool = False
+    # Training returns an ``LMHead`` (hidden states and the output matrix)
+    # for ``lm_loss`` to fuse the projection into the cross-entropy, so the
+    # [tokens, vocab] logits are never materialised. Evaluation and decoding
+    # still return logits.
+    fused_loss: bool = False
 
     @property
     def kv_heads(self) -> int:
@@ -47,6 +52,14 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
+
+
+class LMHead(NamedTuple):
+    """What a ``fused_loss`` GPT returns in training: the final hidden
+    states ``[B, S, E]`` (compute dtype) and the output matrix ``[E, V]``."""
+
+    hidden_BxSxE: jax.Array
+    head_ExV: jax.Array
 
 
 def _param(module: linen.Module, name: str, shape, axes, init=None) -> jax.Array:
@@ -78,10 +91,13 @@ class _Norm(linen.Module):
 
 
 class Attention(linen.Module):
+    """Causal self-attention; with ``decode`` one new token attends to a KV
+    cache (``"cache"`` collection) of up to ``max_len`` positions."""
+
     config: GPTConfig
 
     @linen.compact
-    def __call__(self, x_BxSxE: jax.Array) -> jax.Array:
+    def __call__(self, x_BxSxE: jax.Array, positions_S: jax.Array, decode: bool = False) -> jax.Array:
         c = self.config
         E, H, K, D = c.d_model, c.num_heads, c.kv_heads, c.head_dim
         w_q_ExHxD = _param(self, "query", (E, H, D), ("embed", "heads", "head_dim"))
@@ -94,11 +110,31 @@ class Attention(linen.Module):
         k_BxSxKxD = jnp.einsum("bse,ekd->bskd", x, w_k_ExKxD.astype(c.dtype))
         v_BxSxKxD = jnp.einsum("bse,ekd->bskd", x, w_v_ExKxD.astype(c.dtype))
         if c.positions == "rotary":
-            positions_S = jnp.arange(x.shape[1])
             q_BxSxHxD, k_BxSxKxD = _rotary(q_BxSxHxD, positions_S), _rotary(k_BxSxKxD, positions_S)
-        out_BxSxHxD = ops.attention(q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, causal=True,
-                                    implementation=c.attention_implementation)
+        if decode:
+            out_BxSxHxD = self._attend_cache(q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, positions_S)
+        else:
+            out_BxSxHxD = ops.attention(q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, causal=True,
+                                        implementation=c.attention_implementation)
         return jnp.einsum("bshd,hde->bse", out_BxSxHxD, w_o_HxDxE.astype(c.dtype))
+
+    def _attend_cache(self, q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, positions_S):
+        c = self.config
+        B, S, K, D = k_BxSxKxD.shape
+        if S != 1:
+            raise ValueError(f"GPT decode: feed one token at a time, got {S}")
+        shape = (B, c.max_len, K, D)
+        cached_k = self.variable("cache", "key", jnp.zeros, shape, k_BxSxKxD.dtype)
+        cached_v = self.variable("cache", "value", jnp.zeros, shape, v_BxSxKxD.dtype)
+        if not self.is_initializing():
+            at = (0, positions_S[0], 0, 0)
+            cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BxSxKxD, at)
+            cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BxSxKxD, at)
+        # Keys written so far share segment 0 with the query; the rest are masked.
+        kv_ids_BxT = jnp.broadcast_to((jnp.arange(c.max_len) > positions_S[-1]).astype(jnp.int32), (B, c.max_len))
+        q_ids_BxS = jnp.zeros((B, S), jnp.int32)
+        return ops.attention(q_BxSxHxD, cached_k.value, cached_v.value, segment_ids=(q_ids_BxS, kv_ids_BxT),
+                             implementation="xla")
 
 
 class MLPBlock(linen.Module):
@@ -125,8 +161,9 @@ class Block(linen.Module):
     config: GPTConfig
 
     @linen.compact
-    def __call__(self, x_BxSxE: jax.Array) -> jax.Array:
-        x_BxSxE = x_BxSxE + Attention(self.config)(_Norm(self.config)(x_BxSxE)).astype(x_BxSxE.dtype)
+    def __call__(self, x_BxSxE: jax.Array, positions_S: jax.Array, decode: bool = False) -> jax.Array:
+        attention = Attention(self.config)(_Norm(self.config)(x_BxSxE), positions_S, decode)
+        x_BxSxE = x_BxSxE + attention.astype(x_BxSxE.dtype)
         x_BxSxE = x_BxSxE + MLPBlock(self.config)(_Norm(self.config)(x_BxSxE)).astype(x_BxSxE.dtype)
         return _constrain(x_BxSxE)
 
@@ -136,26 +173,37 @@ class GPT(linen.Module):
 
     ``return_hidden=True`` returns the final normalized hidden states
     ``[B, S, d_model]`` instead (for a fused linear cross-entropy).
+    ``decode=True`` takes one token ``[B, 1]`` at the position held in the
+    ``"cache"`` collection (apply with ``mutable=["cache"]``; see ``generate``).
     """
 
     config: GPTConfig
 
     @linen.compact
-    def __call__(self, tokens_BxS: jax.Array, *, train: bool = False, return_hidden: bool = False) -> jax.Array:
+    def __call__(self, tokens_BxS: jax.Array, *, train: bool = False, return_hidden: bool = False,
+                 decode: bool = False) -> jax.Array:
         c = self.config
         if tokens_BxS.ndim != 2 or not jnp.issubdtype(tokens_BxS.dtype, jnp.integer):
             raise ValueError(f"GPT: tokens must be integer [batch, seq], got {tokens_BxS.dtype} {tokens_BxS.shape}")
         if tokens_BxS.shape[1] > c.max_len and c.positions == "learned":
             raise ValueError(f"GPT: sequence length {tokens_BxS.shape[1]} exceeds max_len {c.max_len}")
+        S = tokens_BxS.shape[1]
+        if decode:
+            index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+            positions_S = index.value + jnp.arange(S)
+            if not self.is_initializing():
+                index.value = index.value + S
+        else:
+            positions_S = jnp.arange(S)
         embedding_VxE = _param(self, "embedding", (c.vocab_size, c.d_model), ("vocab", "embed"))
         x_BxSxE = jnp.take(embedding_VxE, tokens_BxS, axis=0)
         if c.positions == "learned":
             positions_SxE = _param(self, "positions", (c.max_len, c.d_model), (None, "embed"))
-            x_BxSxE = x_BxSxE + positions_SxE[None, :tokens_BxS.shape[1]]
+            x_BxSxE = x_BxSxE + jnp.take(positions_SxE, positions_S, axis=0)[None]
         x_BxSxE = _constrain(x_BxSxE.astype(c.dtype))
-        block = linen.remat(Block) if c.remat else Block
+        block = linen.remat(Block, static_argnums=(3,)) if c.remat else Block
         for i in range(c.num_layers):
-            x_BxSxE = block(c, name=f"block_{i}")(x_BxSxE)
+            x_BxSxE = block(c, name=f"block_{i}")(x_BxSxE, positions_S, decode)
         x_BxSxE = _Norm(c, name="final_norm")(x_BxSxE)
         if return_hidden:
             return x_BxSxE
@@ -163,10 +211,72 @@ class GPT(linen.Module):
             head_ExV = embedding_VxE.T
         else:
             head_ExV = _param(self, "head", (c.d_model, c.vocab_size), ("embed", "vocab"))
+        if c.fused_loss and train and not decode:
+            return LMHead(x_BxSxE, head_ExV.astype(c.dtype))
         logits_BxSxV = jnp.einsum("bse,ev->bsv", x_BxSxE, head_ExV.astype(c.dtype), preferred_element_type=jnp.float32)
         return linen.with_logical_constraint(logits_BxSxV, ("batch", "seq", "vocab"))
 
 
-def lm_loss(logits_BxSxV: jax.Array, batch: Mapping[str, jax.Array]):
-    """Next-token cross-entropy; ``batch["targets"]`` ``[B, S]`` (``-100`` ignored)."""
-    return ops.softmax_cross_entropy(logits_BxSxV, batch["targets"])
+def lm_loss(outputs: jax.Array | LMHead, batch: Mapping[str, jax.Array], *,
+            implementation: str = "auto") -> jax.Array:
+    """Next-token cross-entropy in nats, averaged over counted tokens.
+
+    ``outputs`` is logits ``[B, S, V]`` or an ``LMHead`` (``fused_loss``), for
+    which ``ops.linear_cross_entropy`` (``implementation``) computes the same
+    loss without materialising the logits. ``batch["targets"]`` ``[B, S]``
+    (``-100`` ignored); rows whose ``batch["mask"]`` ``[B]`` is False are left out.
+    """
+    targets_BxS = batch["targets"]
+    keep_BxS = None
+    if "mask" in batch:
+        keep_BxS = jnp.broadcast_to(batch["mask"][:, None], targets_BxS.shape)
+    if isinstance(outputs, LMHead):
+        if keep_BxS is not None:
+            targets_BxS = jnp.where(keep_BxS, targets_BxS, -100)
+        hidden_TxE = outputs.hidden_BxSxE.reshape(-1, outputs.hidden_BxSxE.shape[-1])
+        return ops.linear_cross_entropy(hidden_TxE, outputs.head_ExV, targets_BxS.reshape(-1),
+                                        ignore_index=-100, implementation=implementation)
+    return ops.softmax_cross_entropy(outputs, targets_BxS, where=keep_BxS)
+
+
+def generate(model: GPT, params: Any, prompt: jax.Array, max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int = 0, seed: int = 0) -> jax.Array:
+    """Samples ``max_new_tokens`` after ``prompt`` ``[B, P]`` with a KV cache.
+
+    The prompt is fed one token at a time (each step is one jitted decode),
+    then tokens are drawn from ``softmax(logits / temperature)`` restricted
+    to the ``top_k`` most likely (0: all); ``temperature=0`` is greedy.
+    Returns ``[B, P + max_new_tokens]``.
+    """
+    prompt = jnp.asarray(prompt, jnp.int32)
+    B, P = prompt.shape
+    if P < 1 or P + max_new_tokens > model.config.max_len:
+        raise ValueError(f"generate: need 1 <= prompt length and prompt + new tokens <= max_len "
+                         f"{model.config.max_len}, got {P} + {max_new_tokens}")
+    cache = model.init(jax.random.PRNGKey(0), prompt[:, :1], decode=True)["cache"]
+
+    @jax.jit
+    def step(cache, token_Bx1):
+        logits, updates = model.apply({"params": params, "cache": cache}, token_Bx1, decode=True,
+                                      mutable=["cache"])
+        return logits[:, -1], updates["cache"]
+
+    def sample(key, logits_BxV):
+        if temperature == 0:
+            return jnp.argmax(logits_BxV, axis=-1)
+        logits_BxV = logits_BxV / temperature
+        if top_k:
+            kth = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+            logits_BxV = jnp.where(logits_BxV < kth, -jnp.inf, logits_BxV)
+        return jax.random.categorical(key, logits_BxV, axis=-1)
+
+    tokens = [prompt[:, i] for i in range(P)]
+    for i in range(P):
+        logits, cache = step(cache, prompt[:, i:i + 1])
+    key = jax.random.PRNGKey(seed)
+    for _ in range(max_new_tokens):
+        key, subkey = jax.random.split(key)
+        token = sample(subkey, logits).astype(jnp.int32)
+        tokens.append(token)
+        logits, cache = step(cache, token[:, None])
+    return jnp.stack(tokens, axis=1)

@@ -47,6 +47,10 @@ def fit(
     tensorboard: bool = True,
     plot: bool = True,
     extra: Mapping[str, Any] | None = None,
+    tokens_per_step: int | None = None,
+    flops_per_step: float | None = None,
+    peak_flops: float | None = None,
+    eval_transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> FitResult:
     """Trains ``state`` with ``train_step`` on batches from ``train_data``.
 
@@ -70,6 +74,10 @@ def fit(
         continues exactly as if it had not stopped.
       progress: show a progress bar (``tqdm.auto``, a widget in notebooks).
       extra: JSON saved with each checkpoint beside the data position.
+      tokens_per_step / flops_per_step / peak_flops: when given, train rows
+        also carry ``tokens_per_second`` and ``mfu`` (model FLOPs over the
+        devices' peak; ``peak_flops`` is for all devices together).
+      eval_transform: adds derived entries to each eval result (e.g. bits per byte).
 
     Returns:
       ``FitResult(state, history, eval_metrics, resumed_from)``.
@@ -113,12 +121,18 @@ def fit(
             if step % log_every == 0 or step == total_steps:
                 means = {k: float(np.mean([jax.device_get(m[k]) for m in window])) for k in window[0]}
                 means["steps_per_second"] = len(window) / max(time.perf_counter() - window_start, 1e-9)
+                if tokens_per_step:
+                    means["tokens_per_second"] = means["steps_per_second"] * tokens_per_step
+                if flops_per_step and peak_flops:
+                    means["mfu"] = means["steps_per_second"] * flops_per_step / peak_flops
                 means["epoch"] = train_data.epoch
                 row = logger.log(step, "train", means)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "accuracy")})
+                bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "accuracy", "tokens_per_second")})
                 window, window_start = [], time.perf_counter()
             if eval_step is not None and (step % eval_every == 0 or step == total_steps):
                 eval_metrics = evaluate(state, eval_step, iterate_once(eval_data, eval_batch_size, pad=True))
+                if eval_transform is not None:
+                    eval_metrics = {**eval_metrics, **eval_transform(eval_metrics)}
                 logger.log(step, "eval", eval_metrics)
             if manager is not None and (step % checkpoint_every == 0 or step == total_steps):
                 manager.save(step, state, extra={**(extra or {}), "data": train_data.get_state(), "step": step})
