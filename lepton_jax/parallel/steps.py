@@ -15,6 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lepton_jax.parallel.rules import (
     Rules, batch_sharding, get_rules, opt_state_shardings, param_shardings, restrict_to_mesh)
+from lepton_jax.train import state as state_lib
 from lepton_jax.train.state import TrainState, create_train_state
 from lepton_jax.train.step import LossFn, make_train_step
 
@@ -35,9 +36,10 @@ def _in_context(fn: Callable, mesh: Mesh, rules: Rules) -> Callable:
 
 
 def state_shardings(model: linen.Module, tx: optax.GradientTransformation, example_inputs: jax.Array,
-                    mesh: Mesh, rules: str | Rules) -> TrainState:
+                    mesh: Mesh, rules: str | Rules, *, loss_scale: Any = None) -> TrainState:
     """The ``TrainState`` of shardings the rules give ``model``'s parameters,
-    the optimizer state mirroring them, everything else replicated."""
+    the optimizer state mirroring them, everything else replicated
+    (``loss_scale`` as for ``create_train_state``)."""
     example = jax.ShapeDtypeStruct(np.shape(example_inputs), np.asarray(example_inputs).dtype)
     boxed = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), example)
     params_sh = param_shardings(boxed["params"], mesh, rules)
@@ -47,16 +49,19 @@ def state_shardings(model: linen.Module, tx: optax.GradientTransformation, examp
                    if k != "params"}
     return TrainState(step=replicated, params=params_sh,
                       opt_state=opt_state_shardings(tx, abstract_params, params_sh, mesh),
-                      model_state=model_state, rng=replicated)
+                      model_state=model_state, rng=replicated,
+                      loss_scale=jax.tree.map(lambda _: replicated, state_lib._loss_scale(loss_scale)))
 
 
 def create_sharded_train_state(model: linen.Module, tx: optax.GradientTransformation, example_inputs: jax.Array,
-                               mesh: Mesh, rules: str | Rules, *, seed: int = 0) -> tuple[TrainState, TrainState]:
+                               mesh: Mesh, rules: str | Rules, *, seed: int = 0,
+                               loss_scale: Any = None) -> tuple[TrainState, TrainState]:
     """Initialises the state directly into its shardings (no full copy on one
     device first). Returns ``(state, shardings)``."""
     rules = get_rules(rules)
-    shardings = state_shardings(model, tx, example_inputs, mesh, rules)
-    create = _in_context(jax.jit(lambda x: create_train_state(model, tx, x, seed=seed), out_shardings=shardings),
+    shardings = state_shardings(model, tx, example_inputs, mesh, rules, loss_scale=loss_scale)
+    create = _in_context(jax.jit(lambda x: create_train_state(model, tx, x, seed=seed, loss_scale=loss_scale),
+                                 out_shardings=shardings),
                          mesh, rules)
     return create(np.asarray(example_inputs)[:1]), shardings
 

@@ -2,6 +2,7 @@
 
 from lepton_jax.train.logging import MetricLogger, plot_history, scalar_metrics
 from lepton_jax.train.loop import FitResult, fit
+from lepton_jax.train.loss_scale import DynamicLossScale, all_finite
 from lepton_jax.train.state import TrainState, count_params, create_train_state
 from lepton_jax.train.step import (
     classification_loss,
@@ -13,9 +14,11 @@ from lepton_jax.train.step import (
 )
 
 __all__ = [
+    "DynamicLossScale",
     "FitResult",
     "MetricLogger",
     "TrainState",
+    "all_finite",
     "classification_loss",
     "count_params",
     "create_train_state",

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from lepton_jax.train.loss_scale import DynamicLossScale
+
 PyTree = Any
 
 
@@ -31,6 +33,7 @@ class TrainState:
       rng: a raw ``uint32[2]`` PRNG key; step ``s`` draws its randomness from
         ``jax.random.fold_in(rng, s)``, so a resumed run sees the same keys as
         an uninterrupted one.
+      loss_scale: a ``DynamicLossScale`` for float16 training, else ``None``.
     """
 
     step: jax.Array
@@ -38,6 +41,7 @@ class TrainState:
     opt_state: PyTree
     model_state: Mapping[str, PyTree]
     rng: jax.Array
+    loss_scale: Any = None
 
     def variables(self) -> dict[str, PyTree]:
         """The flax variables dict ``{"params": ..., **model_state}`` for ``apply``."""
@@ -50,6 +54,7 @@ def create_train_state(
     example_inputs: jax.Array,
     *,
     seed: int = 0,
+    loss_scale: Any = None,
 ) -> TrainState:
     """Initialises a model and its optimizer into a ``TrainState``.
 
@@ -59,6 +64,9 @@ def create_train_state(
       example_inputs: a batch (any batch size) with the shape and dtype of the
         real inputs; only its shape and dtype are used.
       seed: the run's seed; the params init key and the step keys derive from it.
+      loss_scale: ``None``, ``"dynamic"`` (a default ``DynamicLossScale``) or a
+        ``DynamicLossScale``; the step then scales the loss and skips steps
+        with non-finite gradients (float16 training).
 
     Returns:
       A ``TrainState`` at step 0.
@@ -80,7 +88,16 @@ def create_train_state(
         opt_state=tx.init(params),
         model_state=variables,
         rng=run_key,
+        loss_scale=_loss_scale(loss_scale),
     )
+
+
+def _loss_scale(loss_scale: Any) -> DynamicLossScale | None:
+    if loss_scale is None or isinstance(loss_scale, DynamicLossScale):
+        return loss_scale
+    if loss_scale == "dynamic":
+        return DynamicLossScale.create()
+    raise ValueError(f"create_train_state: loss_scale must be None, 'dynamic' or a DynamicLossScale, got {loss_scale!r}")
 
 
 def count_params(params: PyTree) -> int:

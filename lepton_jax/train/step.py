@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from lepton_jax.ops import losses, metrics as metrics_lib
+from lepton_jax.train import loss_scale
 from lepton_jax.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -77,6 +78,10 @@ def make_train_step(
       donate: donate the incoming state's buffers (saves memory; the caller
         must not reuse the old state).
 
+    With ``state.loss_scale`` set (float16 training, see ``DynamicLossScale``)
+    the loss is scaled before differentiation, steps with non-finite
+    gradients are skipped, and ``loss_scale``/``skipped_step`` are reported.
+
     The step's randomness is ``fold_in(state.rng, state.step)``: bitwise
     reproducible for a seed, and identical after a resume.
     Metrics: ``loss`` (without the penalty), ``grad_norm``, ``penalty`` (with
@@ -98,9 +103,15 @@ def make_train_step(
             )
             loss, aux = _split_loss(loss_fn(outputs, batch))
             penalty = regularizer(params) if regularizer is not None else jnp.zeros((), loss.dtype)
-            return loss + penalty, (loss, penalty, aux, new_model_state)
+            total = loss + penalty
+            if scaler is not None:
+                total = scaler.scale_loss(total)
+            return total, (loss, penalty, aux, new_model_state)
 
+        scaler = state.loss_scale
         grads, (loss, penalty, aux, new_model_state) = jax.grad(objective, has_aux=True)(state.params)
+        if scaler is not None:
+            grads = scaler.unscale(grads)
         if axis_name is not None:
             grads, loss, penalty, aux = jax.lax.pmean((grads, loss, penalty, aux), axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -109,6 +120,16 @@ def make_train_step(
             step=state.step + 1, params=params, opt_state=opt_state, model_state=new_model_state
         )
         out = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+        if scaler is not None:
+            # A step with inf/nan gradients changes nothing but the step count
+            # and the scale (the data stream moves on, as in a normal step).
+            finite = loss_scale.all_finite(grads)
+            kept = (state.params, state.opt_state, state.model_state)
+            params, opt_state, model_state = loss_scale.select_tree(finite, (params, opt_state, new_model_state), kept)
+            new_state = new_state.replace(params=params, opt_state=opt_state, model_state=model_state,
+                                          loss_scale=scaler.adjust(finite))
+            out["loss_scale"] = scaler.scale
+            out["skipped_step"] = 1.0 - finite.astype(jnp.float32)
         if regularizer is not None:
             out["penalty"] = penalty
         return new_state, out
