@@ -139,13 +139,15 @@ def train_run(run: RunConfig) -> dict:
         eval_batch_size=min(run.batch_size, len(val["inputs"])), eval_every=run.eval_every,
         log_every=max(1, min(50, run.eval_every)), output_dir=run.out, resume=run.resume, progress=run.progress,
         extra={"run": config_lib.to_dict(run) | {"dtype": run.dtype}},
+        logical_axes=parallel.param_logical_axes(model, example),
         tokens_per_step=tokens_per_step, flops_per_step=flops, peak_flops=peak * mesh.devices.size if peak else None,
         eval_transform=lambda m: {"bits_per_byte": m["loss"] / math.log(2)},
     )
     seconds = time.perf_counter() - started
     bpb = result.eval_metrics["bits_per_byte"]
     summary = {"config": run.config, "steps": int(result.state.step), "val_bits_per_byte": bpb,
-               "train_seconds": seconds, "num_params": num_params, "resumed_from": result.resumed_from}
+               "train_seconds": seconds, "num_params": num_params, "resumed_from": result.resumed_from,
+               "preempted": result.preempted}
     with open(os.path.join(run.out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
     print(f"validation {bpb:.3f} bits/byte after {summary['steps']} steps, {seconds:.0f}s | outputs in {run.out}")

@@ -1,5 +1,6 @@
-"""Orbax-backed checkpoints: ``CheckpointManager`` saves/restores any pytree."""
+"""Orbax-backed checkpoints: ``CheckpointManager`` saves/restores any pytree;
+``restore`` loads one in a line."""
 
-from lepton_jax.checkpoint.manager import CheckpointManager
+from lepton_jax.checkpoint.manager import CheckpointManager, CorruptCheckpointError, restore
 
-__all__ = ["CheckpointManager"]
+__all__ = ["CheckpointManager", "CorruptCheckpointError", "restore"]

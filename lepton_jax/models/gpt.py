@@ -162,9 +162,10 @@ class Block(linen.Module):
 
     @linen.compact
     def __call__(self, x_BxSxE: jax.Array, positions_S: jax.Array, decode: bool = False) -> jax.Array:
-        attention = Attention(self.config)(_Norm(self.config)(x_BxSxE), positions_S, decode)
+        c = self.config
+        attention = Attention(c, name="attention")(_Norm(c, name="attention_norm")(x_BxSxE), positions_S, decode)
         x_BxSxE = x_BxSxE + attention.astype(x_BxSxE.dtype)
-        x_BxSxE = x_BxSxE + MLPBlock(self.config)(_Norm(self.config)(x_BxSxE)).astype(x_BxSxE.dtype)
+        x_BxSxE = x_BxSxE + MLPBlock(c, name="mlp")(_Norm(c, name="mlp_norm")(x_BxSxE)).astype(x_BxSxE.dtype)
         return _constrain(x_BxSxE)
 
 

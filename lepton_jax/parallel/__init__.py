@@ -20,6 +20,7 @@ from lepton_jax.parallel.steps import (
     make_pmap_train_step,
     make_shard_map_train_step,
     make_sharded_train_step,
+    param_logical_axes,
     replicate,
     shard_batch,
     split_for_pmap,
@@ -30,7 +31,7 @@ __all__ = [
     "DATA_PARALLEL", "FSDP", "FSDP_TENSOR", "LOGICAL_AXES", "PRESETS", "TENSOR", "batch_sharding",
     "create_sharded_train_state", "describe_mesh", "get_rules", "logical_sharding", "make_mesh",
     "make_pmap_train_step", "make_shard_map_train_step", "make_sharded_train_step", "opt_state_shardings",
-    "param_shardings", "replicate", "restrict_to_mesh", "shard_batch", "split_for_pmap", "state_shardings",
+    "param_logical_axes", "param_shardings", "replicate", "restrict_to_mesh", "shard_batch", "split_for_pmap", "state_shardings",
 ]
 
 from lepton_jax.parallel.distributed import global_batch, initialize, is_main_process  # noqa: E402

@@ -35,6 +35,15 @@ def _in_context(fn: Callable, mesh: Mesh, rules: Rules) -> Callable:
     return wrapped
 
 
+def param_logical_axes(model: linen.Module, example_inputs: jax.Array) -> Any:
+    """The params tree with each leaf replaced by its logical axis names
+    (a ``PartitionSpec`` of names, empty for unannotated leaves); what
+    ``CheckpointManager.save(logical_axes=...)`` stores for re-sharding."""
+    example = jax.ShapeDtypeStruct(np.shape(example_inputs), np.asarray(example_inputs).dtype)
+    boxed = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), example)
+    return linen.get_partition_spec(boxed["params"])
+
+
 def state_shardings(model: linen.Module, tx: optax.GradientTransformation, example_inputs: jax.Array,
                     mesh: Mesh, rules: str | Rules, *, loss_scale: Any = None) -> TrainState:
     """The ``TrainState`` of shardings the rules give ``model``'s parameters,

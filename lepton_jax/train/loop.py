@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable, Mapping
 
@@ -25,6 +28,7 @@ class FitResult:
     history: list[dict[str, Any]]
     eval_metrics: dict[str, Any] | None
     resumed_from: int | None
+    preempted: bool = False
 
 
 def fit(
@@ -42,6 +46,8 @@ def fit(
     output_dir: str | None = None,
     checkpoint_every: int | None = None,
     max_to_keep: int = 3,
+    checkpoint_options: Mapping[str, Any] | None = None,
+    logical_axes: Any = None,
     resume: bool = False,
     progress: bool = True,
     tensorboard: bool = True,
@@ -68,10 +74,19 @@ def fit(
       output_dir: where ``metrics.jsonl``, TensorBoard events, ``curves.png``
         and ``checkpoints/`` go; ``None`` keeps everything in memory.
       checkpoint_every: steps between checkpoints (default: every eval, and
-        always at the end); needs ``output_dir``.
-      resume: continue from the latest checkpoint in ``output_dir`` if any:
-        the state, the step and the data position are restored, so the run
-        continues exactly as if it had not stopped.
+        always at the end); needs ``output_dir``. Each checkpoint carries the
+        latest eval metrics (for ``best_metric`` retention).
+      max_to_keep / checkpoint_options: ``CheckpointManager`` settings (e.g.
+        ``{"keep_every_n_steps": 1000, "best_metric": "loss"}``).
+      logical_axes: the params' logical axis names, saved with checkpoints so
+        they can be restored onto another mesh (``parallel.param_logical_axes``).
+      resume: continue from the latest readable checkpoint in ``output_dir``
+        if any: the state, the step and the data position are restored, so
+        the run continues exactly as if it had not stopped.
+
+    Preemption: with an ``output_dir``, SIGTERM or SIGINT during ``fit`` (from
+    the main thread) saves a checkpoint at the next step boundary, waits for
+    the write and returns with ``preempted=True``; ``resume=True`` continues.
       progress: show a progress bar (``tqdm.auto``, a widget in notebooks).
       extra: JSON saved with each checkpoint beside the data position.
       tokens_per_step / flops_per_step / peak_flops: when given, train rows
@@ -80,7 +95,7 @@ def fit(
       eval_transform: adds derived entries to each eval result (e.g. bits per byte).
 
     Returns:
-      ``FitResult(state, history, eval_metrics, resumed_from)``.
+      ``FitResult(state, history, eval_metrics, resumed_from, preempted)``.
     """
     total_steps = _total_steps(num_steps, epochs, train_data)
     for name, value in (("log_every", log_every), ("eval_every", eval_every),
@@ -103,10 +118,11 @@ def fit(
     manager = None
     resumed_from = None
     if output_dir is not None:
-        manager = CheckpointManager(os.path.join(output_dir, "checkpoints"), max_to_keep=max_to_keep)
+        manager = CheckpointManager(os.path.join(output_dir, "checkpoints"), max_to_keep=max_to_keep,
+                                    **dict(checkpoint_options or {}))
         if resume and manager.latest_step() is not None:
-            resumed_from = manager.latest_step()
-            state = manager.restore(resumed_from, target=state)
+            state = manager.restore(target=state)  # skips a damaged latest step with a warning
+            resumed_from = int(state.step)
             train_data.set_state(manager.extra(resumed_from)["data"])
 
     start = int(state.step)
@@ -114,7 +130,16 @@ def fit(
     bar = _progress_bar(total_steps, start, progress and main)
     window: list[dict[str, jax.Array]] = []
     window_start = time.perf_counter()
+    preempted = False
+    stop_signal = _StopSignal(enabled=manager is not None)
+
+    def save(step: int, force: bool = False) -> None:
+        metrics = {k: v for k, v in (eval_metrics or {}).items() if isinstance(v, (int, float, np.floating))}
+        manager.save(step, state, metrics=metrics, force=force, logical_axes=logical_axes,
+                     extra={**(extra or {}), "data": train_data.get_state(), "step": step})
+
     try:
+        stop_signal.__enter__()
         for step in range(start + 1, total_steps + 1):
             state, metrics = train_step(state, next(train_data))
             window.append(metrics)
@@ -135,9 +160,18 @@ def fit(
                     eval_metrics = {**eval_metrics, **eval_transform(eval_metrics)}
                 logger.log(step, "eval", eval_metrics)
             if manager is not None and (step % checkpoint_every == 0 or step == total_steps):
-                manager.save(step, state, extra={**(extra or {}), "data": train_data.get_state(), "step": step})
+                save(step)
             bar.update(1)
+            if stop_signal.received is not None and step < total_steps:
+                save(step, force=True)
+                manager.wait()
+                preempted = True
+                if main:
+                    print(f"fit: {signal.Signals(stop_signal.received).name} received; saved step {step} "
+                          f"to {manager.directory}; resume=True continues", flush=True)
+                break
     finally:
+        stop_signal.__exit__()
         bar.close()
         if manager is not None:
             manager.close()
@@ -145,7 +179,34 @@ def fit(
 
     if plot and main and output_dir is not None and logger.history:
         plot_history(logger.history, os.path.join(output_dir, "curves.png"))
-    return FitResult(state=state, history=logger.history, eval_metrics=eval_metrics, resumed_from=resumed_from)
+    return FitResult(state=state, history=logger.history, eval_metrics=eval_metrics, resumed_from=resumed_from,
+                     preempted=preempted)
+
+
+class _StopSignal(contextlib.AbstractContextManager):
+    """Turns SIGTERM/SIGINT into a flag checked at step boundaries (only
+    from the main thread, where Python delivers signals)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.received = signum
+
+    def __enter__(self) -> "_StopSignal":
+        if self.enabled:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
 
 
 def _total_steps(num_steps: int | None, epochs: int | None, train_data: Any) -> int:

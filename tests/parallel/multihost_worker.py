@@ -1,6 +1,8 @@
 """One process of the two-process test (run by test_multihost.py, not by pytest).
 
-argv: coordinator port, process id. Prints ``LOSSES <json>`` on success.
+argv: coordinator port, process id[, checkpoint dir]. Prints ``LOSSES <json>``
+on success; with a checkpoint dir both processes save the sharded state,
+restore it and print ``RESTORED <bool>`` (exact match of their shards).
 """
 
 import json
@@ -12,7 +14,9 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 
-from lepton_jax import data, parallel  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lepton_jax import checkpoint, data, parallel  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from multihost_common import STEPS, make_problem  # noqa: E402
@@ -35,6 +39,15 @@ def main() -> None:
         state, metrics = step(state, parallel.global_batch(batch, mesh, "data"))
         losses.append(float(metrics["loss"].addressable_data(0)))
     print("LOSSES " + json.dumps(losses), flush=True)
+    if len(sys.argv) > 3:
+        with checkpoint.CheckpointManager(sys.argv[3]) as manager:
+            manager.save(STEPS, state, extra={"writer": "two processes"})
+            manager.wait()
+            restored = manager.restore(target=state)
+        same = all(np.array_equal(np.asarray(a.data), np.asarray(b.data))
+                   for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True)
+                   for a, b in zip(x.addressable_shards, y.addressable_shards, strict=True))
+        print(f"RESTORED {same}", flush=True)
     jax.distributed.shutdown()
 
 

@@ -120,14 +120,14 @@ def test_parameter_shardings_follow_the_rules():
     mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     shardings = parallel.state_shardings(model, TX, batches[0][key], mesh, "fsdp_tensor")
     block = shardings.params["block_0"]
-    assert block["MLPBlock_0"]["w_in"].spec == P("fsdp", "tensor")  # (embed, mlp)
-    assert block["MLPBlock_0"]["w_out"].spec == P("tensor", "fsdp")  # (mlp, embed): row split
-    assert block["Attention_0"]["query"].spec == P("fsdp", "tensor", None)  # (embed, heads, head_dim)
-    assert block["Attention_0"]["out"].spec == P("tensor", None, "fsdp")
+    assert block["mlp"]["w_in"].spec == P("fsdp", "tensor")  # (embed, mlp)
+    assert block["mlp"]["w_out"].spec == P("tensor", "fsdp")  # (mlp, embed): row split
+    assert block["attention"]["query"].spec == P("fsdp", "tensor", None)  # (embed, heads, head_dim)
+    assert block["attention"]["out"].spec == P("tensor", None, "fsdp")
     assert shardings.params["embedding"].spec == P("tensor", "fsdp")  # (vocab, embed)
     # Adam's moments follow their parameters; the step count is replicated.
     adam_state = shardings.opt_state[0]
-    assert adam_state.mu["block_0"]["MLPBlock_0"]["w_in"].spec == P("fsdp", "tensor")
+    assert adam_state.mu["block_0"]["mlp"]["w_in"].spec == P("fsdp", "tensor")
     assert adam_state.count.spec == P()
     assert parallel.batch_sharding(mesh, "fsdp_tensor").spec == P(("data", "fsdp"), None)
     # Mesh axes absent from the mesh are dropped: the same preset on a data-only mesh.
