@@ -3,6 +3,7 @@
     lepton-jax info                       # versions and devices
     lepton-jax train digits --model cnn   # run a recipe with config overrides
     lepton-jax train --list               # the recipes installed
+    lepton-jax ckpt ls runs/x/checkpoints # list, inspect, diff, convert, verify checkpoints
 """
 
 from __future__ import annotations
@@ -63,7 +64,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     train = commands.add_parser("train", help="run a training recipe; extra --name=value args override its config")
     train.add_argument("recipe", nargs="?", help="recipe name, e.g. digits")
     train.add_argument("--list", action="store_true", help="list the installed recipes")
+    ckpt = commands.add_parser("ckpt", add_help=False, help="list, inspect, diff, convert and verify checkpoints "
+                               "(lepton-jax ckpt -h for more)")
+    ckpt.add_argument("args", nargs=argparse.REMAINDER)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "ckpt":
+        from lepton_jax.checkpoint.cli import run_ckpt
+
+        # Options before the verb (e.g. -h) land in rest; the verb and all after it in args.args.
+        return run_ckpt([*rest, *args.args])
     if args.command == "info":
         if rest:
             parser.error(f"info takes no arguments, got {rest}")
