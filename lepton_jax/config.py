@@ -19,6 +19,15 @@ def override(config: Any, argv: Sequence[str]) -> Any:
 
     A bool field given without a value is set to True. Unknown names raise
     ``ValueError`` listing the known ones.
+
+    >>> import dataclasses
+    >>> @dataclasses.dataclass(frozen=True)
+    ... class Run:
+    ...     lr: float = 0.1
+    ...     steps: int = 10
+    ...     resume: bool = False
+    >>> override(Run(), ["--lr=0.5", "--steps", "20", "--resume"])
+    Run(lr=0.5, steps=20, resume=True)
     """
     if not dataclasses.is_dataclass(config):
         raise TypeError(f"override: config must be a dataclass instance, got {type(config).__name__}")

@@ -95,6 +95,17 @@ class Normalizer:
             )
         return ((x - self.mean) / self.std).astype(np.float32)
 
+    def inverse(self, x: np.ndarray) -> np.ndarray:
+        """Undoes the normalization: ``x * std + mean`` (e.g. to show images).
+
+        >>> n = Normalizer.fit(np.array([[0.0, 2.0], [4.0, 6.0]]))
+        >>> n(np.array([3.0, 3.0])).tolist()
+        [0.0, 0.0]
+        >>> n.inverse(n(np.array([1.0, 5.0]))).tolist()
+        [1.0, 5.0]
+        """
+        return (np.asarray(x) * self.std + self.mean).astype(np.float32)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form, e.g. to store beside a checkpoint or an export."""
         return {"mean": self.mean.tolist(), "std": self.std.tolist()}

@@ -47,7 +47,12 @@ def load_bytes(paths: Sequence[str] | None = None, *, max_bytes: int = 8 << 20) 
 
 def split_tokens(tokens: np.ndarray, validation_fraction: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
     """The last ``validation_fraction`` of the stream is held out (contiguous,
-    so no window straddles the two)."""
+    so no window straddles the two).
+
+    >>> train, held_out = split_tokens(np.arange(10), 0.2)
+    >>> train.tolist(), held_out.tolist()
+    ([0, 1, 2, 3, 4, 5, 6, 7], [8, 9])
+    """
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"split_tokens: validation_fraction must be in (0, 1), got {validation_fraction}")
     cut = int(len(tokens) * (1.0 - validation_fraction))
@@ -55,7 +60,12 @@ def split_tokens(tokens: np.ndarray, validation_fraction: float = 0.05) -> tuple
 
 
 def eval_windows(tokens: np.ndarray, seq_len: int, max_windows: int) -> dict[str, np.ndarray]:
-    """Non-overlapping ``{"inputs", "targets"}`` windows ``[N, seq_len]`` (targets shifted by one)."""
+    """Non-overlapping ``{"inputs", "targets"}`` windows ``[N, seq_len]`` (targets shifted by one).
+
+    >>> w = eval_windows(np.arange(9), 4, max_windows=10)
+    >>> w["inputs"].tolist(), w["targets"].tolist()
+    ([[0, 1, 2, 3], [4, 5, 6, 7]], [[1, 2, 3, 4], [5, 6, 7, 8]])
+    """
     count = min(max_windows, (len(tokens) - 1) // seq_len)
     if count < 1:
         raise ValueError(f"eval_windows: {len(tokens)} tokens hold no window of {seq_len + 1}")

@@ -13,7 +13,14 @@ from lepton_jax.ops import _checks
 
 
 def mse(predictions: jax.Array, targets: jax.Array, *, reduction: str = "mean") -> jax.Array:
-    """Mean squared error, elementwise ``(predictions - targets) ** 2``; same shapes required."""
+    """Mean squared error, elementwise ``(predictions - targets) ** 2``; same shapes required.
+
+    >>> import jax.numpy as jnp
+    >>> float(mse(jnp.array([1.0, 2.0]), jnp.array([1.0, 4.0])))
+    2.0
+    >>> mse(jnp.array([1.0, 2.0]), jnp.array([1.0, 4.0]), reduction="none").tolist()
+    [0.0, 4.0]
+    """
     _checks.check_floating("mse", "predictions", predictions)
     _checks.check_same_shape("mse", "predictions", predictions, "targets", targets)
     return _checks.reduce("mse", jnp.square(predictions - targets), reduction)
@@ -48,6 +55,11 @@ def softmax_cross_entropy(
       where: optional ``[...]`` bool; False positions are ignored likewise.
       reduction: "mean" over the counted positions (0 when none), "sum", or
         "none" (``[...]``, 0 at ignored positions).
+
+    >>> import jax.numpy as jnp
+    >>> logits = jnp.log(jnp.array([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]))
+    >>> round(float(softmax_cross_entropy(logits, jnp.array([0, -100]))), 4)  # -ln 0.5; the second is ignored
+    0.6931
     """
     where_name = "softmax_cross_entropy"
     _checks.check_floating(where_name, "logits", logits)

@@ -34,7 +34,15 @@ def _topk_hits(where: str, logits_BxC: jax.Array, labels_B: jax.Array, k: int) -
 
 
 def accuracy(logits_BxC: jax.Array, labels_B: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-    """Fraction of (masked) examples whose argmax is the label; 0 when none."""
+    """Fraction of (masked) examples whose argmax is the label; 0 when none.
+
+    >>> import jax.numpy as jnp
+    >>> logits = jnp.array([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]])
+    >>> float(accuracy(logits, jnp.array([0, 1, 1])))  # doctest: +ELLIPSIS
+    0.666...
+    >>> float(accuracy(logits, jnp.array([0, 1, 1]), mask=jnp.array([True, True, False])))
+    1.0
+    """
     return top_k_accuracy(logits_BxC, labels_B, 1, mask=mask, _where="accuracy")
 
 
@@ -50,7 +58,12 @@ def top_k_accuracy(
 def confusion_matrix(
     labels_B: jax.Array, predictions_B: jax.Array, num_classes: int, *, mask: jax.Array | None = None
 ) -> jax.Array:
-    """``[C, C]`` int32 counts; row = true class, column = predicted class."""
+    """``[C, C]`` int32 counts; row = true class, column = predicted class.
+
+    >>> import jax.numpy as jnp
+    >>> confusion_matrix(jnp.array([0, 1, 1]), jnp.array([0, 0, 1]), 2).tolist()
+    [[1, 0], [1, 1]]
+    """
     _checks.check_integer("confusion_matrix", "labels", labels_B)
     _checks.check_integer("confusion_matrix", "predictions", predictions_B)
     _checks.check_same_shape("confusion_matrix", "labels", labels_B, "predictions", predictions_B)

@@ -20,6 +20,12 @@ def weight_mask(params: PyTree) -> PyTree:
 def l2_penalty(params: PyTree, *, mask: Mask = None) -> jax.Array:
     """``0.5 * sum(w ** 2)`` over the (masked) leaves, in fp32.
 
+    >>> import jax.numpy as jnp
+    >>> params = {"kernel": jnp.array([[1.0, 2.0]]), "bias": jnp.array([3.0])}
+    >>> float(l2_penalty(params)), float(l2_penalty(params, mask=weight_mask(params)))
+    (7.0, 2.5)
+
+    ``weight_mask`` (``ndim >= 2``) leaves biases and norm scales out.
     The 0.5 makes the gradient ``w``, so ``weight * l2_penalty`` matches an
     optimizer's coupled weight decay of ``weight``.
     """

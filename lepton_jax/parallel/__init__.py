@@ -1,6 +1,6 @@
 """SPMD: meshes from config, logical-axis rules, sharded/shard_map/pmap steps."""
 
-from lepton_jax.parallel.mesh import describe_mesh, make_mesh
+from lepton_jax.parallel.mesh import bytes_per_device, describe_mesh, describe_sharding, make_mesh
 from lepton_jax.parallel.rules import (
     DATA_PARALLEL,
     FSDP,
@@ -28,8 +28,8 @@ from lepton_jax.parallel.steps import (
 )
 
 __all__ = [
-    "DATA_PARALLEL", "FSDP", "FSDP_TENSOR", "LOGICAL_AXES", "PRESETS", "TENSOR", "batch_sharding",
-    "create_sharded_train_state", "describe_mesh", "get_rules", "logical_sharding", "make_mesh",
+    "DATA_PARALLEL", "FSDP", "FSDP_TENSOR", "LOGICAL_AXES", "PRESETS", "TENSOR", "batch_sharding", "bytes_per_device",
+    "create_sharded_train_state", "describe_mesh", "describe_sharding", "get_rules", "logical_sharding", "make_mesh",
     "make_pmap_train_step", "make_shard_map_train_step", "make_sharded_train_step", "opt_state_shardings",
     "param_logical_axes", "param_shardings", "replicate", "restrict_to_mesh", "shard_batch", "split_for_pmap", "state_shardings",
 ]

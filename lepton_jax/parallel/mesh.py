@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -75,3 +75,41 @@ def describe_mesh(mesh: Mesh) -> str:
     """One line: axis sizes, device count and platform."""
     axes = ", ".join(f"{name}={size}" for name, size in mesh.shape.items())
     return f"mesh({axes}) over {mesh.devices.size} {mesh.devices.flat[0].platform} devices"
+
+
+def bytes_per_device(tree: Any) -> dict[str, int]:
+    """How many bytes of ``tree``'s arrays each device holds (its shards),
+    keyed by device, e.g. ``{"cpu:0": 1024, ...}``."""
+    totals: dict[str, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in getattr(leaf, "addressable_shards", ()):
+            key = f"{shard.device.platform}:{shard.device.id}"
+            totals[key] = totals.get(key, 0) + int(shard.data.size) * shard.data.dtype.itemsize
+    return totals
+
+
+def describe_sharding(tree: Any, *, max_rows: int | None = None) -> str:
+    """A table of ``tree``'s arrays: path, global shape, dtype, partition spec
+    and the shape of one device's shard; then the bytes per device."""
+    rows = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if not hasattr(leaf, "sharding"):
+            continue
+        spec = getattr(leaf.sharding, "spec", None)
+        shard_shape = leaf.sharding.shard_shape(leaf.shape)
+        rows.append((jax.tree_util.keystr(path, simple=True, separator="/"), str(tuple(leaf.shape)),
+                     str(leaf.dtype), str(spec) if spec is not None else type(leaf.sharding).__name__,
+                     str(tuple(shard_shape))))
+    shown = rows if max_rows is None else rows[:max_rows]
+    headers = ("path", "shape", "dtype", "spec", "per device")
+    widths = [max(len(h), *(len(r[i]) for r in shown)) if shown else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in shown]
+    if len(shown) < len(rows):
+        lines.append(f"... {len(rows) - len(shown)} more arrays")
+    per_device = bytes_per_device(tree)
+    if per_device:
+        values = sorted(per_device.values())
+        lines.append(f"bytes per device: min {values[0]:,}, max {values[-1]:,} over {len(values)} devices; "
+                     f"total {sum(values):,}")
+    return "\n".join(lines)

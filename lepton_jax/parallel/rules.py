@@ -16,6 +16,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 Rules = tuple[tuple[str, Any], ...]
+# The logical axis names models annotate their parameters and activations with.
 LOGICAL_AXES = ("batch", "seq", "embed", "mlp", "heads", "kv_heads", "head_dim", "vocab")
 
 _NOTHING: Rules = tuple((name, None) for name in LOGICAL_AXES if name != "batch")
@@ -29,8 +30,10 @@ FSDP: Rules = (("batch", ("data", "fsdp")), ("seq", None), ("embed", "fsdp"), ("
 # (the same names on the input side of the output projections).
 TENSOR: Rules = (("batch", ("data", "fsdp")), ("seq", None), ("embed", None), ("mlp", "tensor"),
                  ("heads", "tensor"), ("kv_heads", "tensor"), ("head_dim", None), ("vocab", "tensor"))
+# FSDP and tensor parallelism together (2-D sharding of every matrix).
 FSDP_TENSOR: Rules = (("batch", ("data", "fsdp")), ("seq", None), ("embed", "fsdp"), ("mlp", "tensor"),
                       ("heads", "tensor"), ("kv_heads", "tensor"), ("head_dim", None), ("vocab", "tensor"))
+# The presets by the names recipes and ``get_rules`` accept.
 PRESETS: dict[str, Rules] = {"data": DATA_PARALLEL, "fsdp": FSDP, "tensor": TENSOR, "fsdp_tensor": FSDP_TENSOR}
 
 

@@ -1,6 +1,6 @@
 """Training harness: TrainState, pure step builders, the ``fit`` loop, logging."""
 
-from lepton_jax.train.logging import MetricLogger, plot_history, scalar_metrics
+from lepton_jax.train.logging import History, MetricLogger, plot_history, scalar_metrics
 from lepton_jax.train.loop import FitResult, fit
 from lepton_jax.train.loss_scale import DynamicLossScale, all_finite
 from lepton_jax.train.state import TrainState, count_params, create_train_state
@@ -16,6 +16,7 @@ from lepton_jax.train.step import (
 __all__ = [
     "DynamicLossScale",
     "FitResult",
+    "History",
     "MetricLogger",
     "TrainState",
     "all_finite",

@@ -65,26 +65,55 @@ class MetricLogger:
             self._writer = None
 
 
-def plot_history(
-    history: Sequence[Mapping[str, Any]],
-    path: str,
-    *,
-    metrics: Sequence[str] = ("loss", "accuracy"),
-) -> str:
-    """Plots each metric against step, one panel a metric, a line a split.
+class History(list):
+    """The rows ``fit`` logged (``{"step", "split", **metrics}`` dicts), a
+    list that also plots itself: ``result.history.plot()`` in a notebook."""
 
-    Writes a PNG to ``path`` and returns it. Metrics absent from the history
-    are skipped.
-    """
-    import matplotlib
+    def split(self, name: str) -> list[dict[str, Any]]:
+        """The rows of one split (``"train"`` or ``"eval"``)."""
+        return [row for row in self if row["split"] == name]
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    def values(self, metric: str, split: str = "train") -> tuple[list[int], list[float]]:
+        """``(steps, values)`` of one metric in one split."""
+        rows = [row for row in self.split(split) if metric in row]
+        return [row["step"] for row in rows], [row[metric] for row in rows]
+
+    def plot(self, metrics: Sequence[str] = ("loss", "accuracy")):
+        """A matplotlib ``Figure``, one panel a metric and a line a split
+        (shown inline when it is a notebook cell's value)."""
+        _display_figures_inline()
+        return _figure(self, metrics)
+
+    def __repr__(self) -> str:
+        splits = {row["split"] for row in self}
+        last = self[-1]["step"] if self else 0
+        return f"History({len(self)} rows, splits {sorted(splits)}, last step {last})"
+
+
+def _display_figures_inline() -> None:
+    """In IPython/Jupyter, make a returned ``Figure`` render as a PNG (what
+    the inline backend does once pyplot has drawn something)."""
+    import sys
+
+    if "IPython" not in sys.modules:
+        return
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    if shell is not None and hasattr(shell, "display_formatter"):
+        from IPython.core.pylabtools import select_figure_formats
+
+        select_figure_formats(shell, {"png"})
+
+
+def _figure(history: Sequence[Mapping[str, Any]], metrics: Sequence[str]):
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, any backend
 
     present = [m for m in metrics if any(m in row for row in history)]
     if not present:
         raise ValueError(f"plot_history: none of the metrics {list(metrics)} is in the history")
-    fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 3.6), squeeze=False)
+    fig = Figure(figsize=(5 * len(present), 3.6))
+    axes = fig.subplots(1, len(present), squeeze=False)
     for ax, name in zip(axes[0], present):
         for split in sorted({row["split"] for row in history}):
             rows = [r for r in history if r["split"] == split and name in r]
@@ -96,6 +125,19 @@ def plot_history(
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def plot_history(
+    history: Sequence[Mapping[str, Any]],
+    path: str,
+    *,
+    metrics: Sequence[str] = ("loss", "accuracy"),
+) -> str:
+    """Plots each metric against step, one panel a metric, a line a split.
+
+    Writes a PNG to ``path`` and returns it. Metrics absent from the history
+    are skipped.
+    """
+    _figure(history, metrics).savefig(path, dpi=110)
     return path

@@ -15,7 +15,7 @@ import numpy as np
 
 from lepton_jax.checkpoint import CheckpointManager
 from lepton_jax.data import BatchIterator, iterate_once
-from lepton_jax.train.logging import MetricLogger, plot_history, scalar_metrics
+from lepton_jax.train.logging import History, MetricLogger, plot_history, scalar_metrics
 from lepton_jax.train.state import TrainState
 from lepton_jax.train.step import evaluate
 
@@ -25,7 +25,7 @@ class FitResult:
     """What ``fit`` returns: the final state, the logged rows and the last eval."""
 
     state: TrainState
-    history: list[dict[str, Any]]
+    history: History
     eval_metrics: dict[str, Any] | None
     resumed_from: int | None
     preempted: bool = False
@@ -83,10 +83,6 @@ def fit(
       resume: continue from the latest readable checkpoint in ``output_dir``
         if any: the state, the step and the data position are restored, so
         the run continues exactly as if it had not stopped.
-
-    Preemption: with an ``output_dir``, SIGTERM or SIGINT during ``fit`` (from
-    the main thread) saves a checkpoint at the next step boundary, waits for
-    the write and returns with ``preempted=True``; ``resume=True`` continues.
       progress: show a progress bar (``tqdm.auto``, a widget in notebooks).
       extra: JSON saved with each checkpoint beside the data position.
       tokens_per_step / flops_per_step / peak_flops: when given, train rows
@@ -96,6 +92,10 @@ def fit(
 
     Returns:
       ``FitResult(state, history, eval_metrics, resumed_from, preempted)``.
+
+    Preemption: with an ``output_dir``, SIGTERM or SIGINT during ``fit`` (from
+    the main thread) saves a checkpoint at the next step boundary, waits for
+    the write and returns with ``preempted=True``; ``resume=True`` continues.
     """
     total_steps = _total_steps(num_steps, epochs, train_data)
     for name, value in (("log_every", log_every), ("eval_every", eval_every),
@@ -179,7 +179,7 @@ def fit(
 
     if plot and main and output_dir is not None and logger.history:
         plot_history(logger.history, os.path.join(output_dir, "curves.png"))
-    return FitResult(state=state, history=logger.history, eval_metrics=eval_metrics, resumed_from=resumed_from,
+    return FitResult(state=state, history=History(logger.history), eval_metrics=eval_metrics, resumed_from=resumed_from,
                      preempted=preempted)
 
 

@@ -43,6 +43,22 @@ class TrainState:
     rng: jax.Array
     loss_scale: Any = None
 
+    def __repr__(self) -> str:
+        def size(tree) -> str:
+            leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "size")]
+            count = sum(int(x.size) for x in leaves)
+            nbytes = sum(int(x.size) * x.dtype.itemsize for x in leaves)
+            return f"{count:,} values in {len(leaves)} arrays ({nbytes / 1e6:.2f} MB)"
+
+        try:
+            step = int(self.step)
+        except (TypeError, jax.errors.ConcretizationTypeError):  # abstract or traced
+            step = self.step
+        collections = ", ".join(self.model_state) or "none"
+        scale = "" if self.loss_scale is None else f", loss_scale={self.loss_scale.scale}"
+        return (f"TrainState(step={step}, params={size(self.params)}, opt_state={size(self.opt_state)}, "
+                f"model_state=[{collections}]{scale})")
+
     def variables(self) -> dict[str, PyTree]:
         """The flax variables dict ``{"params": ..., **model_state}`` for ``apply``."""
         return {"params": self.params, **self.model_state}
