@@ -19,9 +19,11 @@ when complete); retention is Orbax's preservation policies.
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import re
+import threading
 import time
 import warnings
 from typing import Any, Mapping, Sequence
@@ -33,6 +35,24 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 PyTree = Any
+# Managers with a save that may still be in flight (strong references, so a
+# manager dropped without wait() still finishes its write at exit).
+_PENDING: set = set()
+
+
+def _finish_pending_saves() -> None:
+    """At interpreter exit, completes the asynchronous saves still in flight."""
+    for manager in list(_PENDING):
+        try:
+            manager.wait()
+        except Exception as error:  # noqa: BLE001 - report, never mask the exit
+            warnings.warn(f"CheckpointManager: a save to {manager.directory} failed at exit: {error}", stacklevel=1)
+
+
+# Orbax writes in worker threads whose executors shut down with the
+# interpreter; threading's exit hooks run before that (last registered
+# first), atexit's only after. Fall back to atexit where the hook is absent.
+getattr(threading, "_register_atexit", atexit.register)(_finish_pending_saves)
 _STEP_DIR = re.compile(r"^\d+$")
 _TMP_DIR = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 
@@ -159,6 +179,7 @@ class CheckpointManager:
         saved = bool(self._manager.save(step, args=args, metrics=metrics, force=True))
         if saved:
             self._last_save_time = time.monotonic()
+            _PENDING.add(self)
         return saved
 
     # -- restoring ------------------------------------------------------------
@@ -274,10 +295,11 @@ class CheckpointManager:
     def wait(self) -> None:
         """Blocks until any asynchronous save has finished."""
         self._manager.wait_until_finished()
+        _PENDING.discard(self)
 
     def close(self) -> None:
         """Finishes pending writes and releases resources."""
-        self._manager.wait_until_finished()
+        self.wait()
         self._manager.close()
 
     def __enter__(self) -> "CheckpointManager":

@@ -4,6 +4,9 @@
 logged row per step, printing ``STEP n`` after each step (slowed down so a
 signal can land mid-run); prints ``PREEMPTED n`` or ``DONE`` at the end.
 
+``exit DIR``: starts an asynchronous save of ~64 MB and exits at once,
+without ``wait``/``close``: the exit hook must finish the write.
+
 ``save DIR``: saves a ~64 MB state whose every element equals the step,
 again and again, printing ``SAVED n`` once step ``n`` is on disk.
 """
@@ -52,8 +55,16 @@ def run_save(directory: str) -> None:
             print(f"SAVED {step}", flush=True)
 
 
+def run_exit(directory: str) -> None:
+    manager = checkpoint.CheckpointManager(directory)
+    manager.save(5, {"a": jnp.full((4096, 4096), 5.0)})
+    print("RETURNED", flush=True)
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "train":
+    if sys.argv[1] == "exit":
+        run_exit(sys.argv[2])
+    elif sys.argv[1] == "train":
         run_train(sys.argv[2], int(sys.argv[3]), "--resume" in sys.argv)
     else:
         run_save(sys.argv[2])

@@ -82,3 +82,11 @@ def test_sigkill_during_save_keeps_the_last_complete_step(tmp_path):
     np.testing.assert_array_equal(np.asarray(restored["b"]), np.full((2048, 2048), step, np.int32))
     with checkpoint.CheckpointManager(directory) as manager:
         assert manager.latest_step() == step
+
+
+def test_process_exit_finishes_an_async_save(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    out = subprocess.run([sys.executable, WORKER, "exit", directory], env=ENV, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "RETURNED" in out.stdout, out.stderr[-3000:]
+    np.testing.assert_array_equal(np.asarray(checkpoint.restore(directory)["a"]), np.full((4096, 4096), 5.0))
