@@ -4,6 +4,7 @@
     lepton-jax train digits --model cnn   # run a recipe with config overrides
     lepton-jax train --list               # the recipes installed
     lepton-jax ckpt ls runs/x/checkpoints # list, inspect, diff, convert, verify checkpoints
+    lepton-jax export --recipe digits --ckpt runs/digits --out models/digits  # a versioned model directory
 """
 
 from __future__ import annotations
@@ -67,12 +68,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     ckpt = commands.add_parser("ckpt", add_help=False, help="list, inspect, diff, convert and verify checkpoints "
                                "(lepton-jax ckpt -h for more)")
     ckpt.add_argument("args", nargs=argparse.REMAINDER)
+    export = commands.add_parser("export", help="export a recipe's checkpoint to a versioned model directory")
+    export.add_argument("--recipe", required=True, choices=("digits", "gpt"), help="the recipe that trained it")
+    export.add_argument("--ckpt", required=True, help="checkpoint directory (or the run's output directory)")
+    export.add_argument("--out", required=True, help="model directory; a new version folder is added")
+    export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     args, rest = parser.parse_known_args(argv)
     if args.command == "ckpt":
         from lepton_jax.checkpoint.cli import run_ckpt
 
         # Options before the verb (e.g. -h) land in rest; the verb and all after it in args.args.
         return run_ckpt([*rest, *args.args])
+    if args.command == "export":
+        if rest:
+            parser.error(f"export: unrecognized arguments {rest}")
+        from lepton_jax.export import export_recipe
+
+        try:
+            print(export_recipe(args.recipe, args.ckpt, args.out, step=args.step))
+        except (FileNotFoundError, ValueError) as error:
+            print(f"lepton-jax export: {error}", file=sys.stderr)
+            return 1
+        return 0
     if args.command == "info":
         if rest:
             parser.error(f"info takes no arguments, got {rest}")

@@ -1,0 +1,135 @@
+"""``export_recipe``: a recipe's checkpoint to a model directory.
+
+The recipe scripts own their model definitions (``recipes/digits.py``
+``build_model``, ``recipes/gpt.py`` ``build``); the config each checkpoint
+carries in its ``extra`` JSON says how to rebuild the model. Like
+``lepton-jax train``, this resolves the recipe module by name at run time,
+so the library keeps no import-time dependency on ``recipes/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from lepton_jax.export.model_dir import DEFAULT_PLATFORMS, export_model
+
+RECIPES = ("digits", "gpt")
+
+
+def export_recipe(recipe: str, ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int | None = None,
+                  *, platforms: Sequence[str] = DEFAULT_PLATFORMS) -> str:
+    """Exports the model a recipe trained into ``out_dir/<next version>/``.
+
+    Args:
+      recipe: ``"digits"`` (images ``float32[b, 8, 8, 1]`` in [0, 1] -> logits
+        ``[b, 10]``; the training split's normalization is recorded as
+        preprocessing) or ``"gpt"`` (tokens ``int32[b, seq_len]`` -> next-token
+        logits ``[b, seq_len, vocab]``).
+      ckpt_dir: the run's checkpoint directory, or its output directory
+        holding ``checkpoints/``.
+      out_dir: the model directory to add a version to.
+      step: the checkpoint step; ``None``: the latest.
+      platforms: as for ``export_model``.
+
+    Returns:
+      The path of the written version directory.
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"export_recipe: recipe must be one of {RECIPES}, got {recipe!r}")
+    from lepton_jax import checkpoint  # lazy: orbax is only needed here, not to load an export
+
+    ckpt_dir = _checkpoint_dir(ckpt_dir)
+    with checkpoint.CheckpointManager(ckpt_dir, async_save=False) as manager:
+        steps = manager.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"export_recipe: no checkpoint in {ckpt_dir}")
+        if step is None:
+            step = steps[-1]
+        elif int(step) not in steps:
+            raise FileNotFoundError(f"export_recipe: no step {step} in {ckpt_dir}; steps are {steps}")
+        step = int(step)
+        extra = manager.extra(step)
+        metrics = manager.metrics(step)
+        build = {"digits": _digits, "gpt": _gpt}[recipe]
+        apply_fn, variables, example, names, preprocessing, config = build(manager, step, extra, ckpt_dir)
+    metadata = {"recipe": recipe, "source": {"checkpoint_dir": ckpt_dir, "step": step},
+                "metrics": metrics, "config": config}
+    return export_model(out_dir, apply_fn, variables, example, input_names=names[0], output_names=names[1],
+                        platforms=platforms, preprocessing=preprocessing, metadata=metadata)
+
+
+def _checkpoint_dir(ckpt_dir: str | os.PathLike) -> str:
+    ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"export_recipe: no such checkpoint directory {ckpt_dir!r}")
+    nested = os.path.join(ckpt_dir, "checkpoints")
+    has_steps = any(name.isdigit() for name in os.listdir(ckpt_dir))
+    return nested if not has_steps and os.path.isdir(nested) else ckpt_dir
+
+
+def _import_recipe(name: str):
+    try:
+        return importlib.import_module(f"recipes.{name}")
+    except ModuleNotFoundError as error:
+        if error.name not in ("recipes", f"recipes.{name}"):
+            raise
+        raise ValueError(f"export_recipe: cannot import recipes.{name}; install lepton_jax with its recipes "
+                         "(pip install -e .) or run from the repository root") from None
+
+
+def _recipe_config(extra: Mapping[str, Any], recipe: str, ckpt_dir: str) -> dict[str, Any]:
+    # recipes/gpt.py saves its config as extra["run"], recipes/digits.py as extra["config"].
+    for key in ("run", "config"):
+        if isinstance(extra.get(key), Mapping):
+            return dict(extra[key])
+    raise ValueError(f"export_recipe: the checkpoint in {ckpt_dir} has no recipe config (extra['run'] or "
+                     f"extra['config']); was it written by recipes/{recipe}.py? extra keys: {sorted(extra)}")
+
+
+def _known_fields(config_class: type, config: Mapping[str, Any]) -> dict[str, Any]:
+    names = {field.name for field in dataclasses.fields(config_class)}
+    return {k: v for k, v in config.items() if k in names}
+
+
+Built = tuple[Callable[..., Any], Any, np.ndarray, tuple[tuple[str, ...], tuple[str, ...]], dict | None, dict]
+
+
+def _digits(manager, step: int, extra: Mapping[str, Any], ckpt_dir: str) -> Built:
+    digits = _import_recipe("digits")
+    config = _recipe_config(extra, "digits", ckpt_dir)
+    model = digits.build_model(config.get("model", "cnn"))
+    # The full state: the CNN's BatchNorm statistics live in model_state.
+    state = manager.restore(step)
+    variables = {"params": state["params"], **dict(state.get("model_state") or {})}
+    normalizer = extra.get("normalizer")
+    if normalizer is None:  # an older checkpoint: refit on the same training split
+        normalizer = digits.load_splits(int(config.get("seed", 0)))[3].to_dict()
+
+    def digits_logits(variables, images_BxHxWxC):
+        return model.apply(variables, images_BxHxWxC, train=False)
+
+    example = np.zeros((1, 8, 8, 1), np.float32)
+    preprocessing = {"normalize": {"mean": normalizer["mean"], "std": normalizer["std"]}}
+    return digits_logits, variables, example, (("images",), ("logits",)), preprocessing, config
+
+
+def _gpt(manager, step: int, extra: Mapping[str, Any], ckpt_dir: str) -> Built:
+    gpt = _import_recipe("gpt")
+    config = _recipe_config(extra, "gpt", ckpt_dir)
+    run, model, _ = gpt.build(gpt.RunConfig(**_known_fields(gpt.RunConfig, config)))
+    # "auto" picks a kernel from the exporting machine's backend at trace time;
+    # an artifact lowered for several platforms needs the portable XLA path.
+    model = model.clone(config=dataclasses.replace(model.config, attention_implementation="xla",
+                                                   norm_implementation="xla"))
+    params = manager.restore(step, params_only=True)
+
+    def gpt_logits(variables, tokens_BxS):
+        return model.apply(variables, tokens_BxS, train=False)
+
+    example = np.zeros((1, run.seq_len), np.int32)
+    return gpt_logits, {"params": params}, example, (("tokens",), ("logits",)), None, config
