@@ -104,7 +104,7 @@ _grid = dict(
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(**_grid)
 def test_pallas_kernels_match_reference(backend, seed, causal, segments, groups, Sq, Skv, D, dtype):
     # hypothesis does not mix with the monkeypatch fixture; patch by hand.

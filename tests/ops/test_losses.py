@@ -18,7 +18,7 @@ def _logits_labels(seed, shape, classes):
     return jax.random.normal(k1, (*shape, classes)) * 3, jax.random.randint(k2, shape, 0, classes)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 1000), batch=st.integers(1, 6), classes=st.integers(2, 9),
        smoothing=st.sampled_from([0.0, 0.1, 0.3]))
 def test_softmax_cross_entropy_matches_optax(seed, batch, classes, smoothing):
