@@ -5,6 +5,7 @@
     lepton-jax train --list               # the recipes installed
     lepton-jax ckpt ls runs/x/checkpoints # list, inspect, diff, convert, verify checkpoints
     lepton-jax export --recipe digits --ckpt runs/digits --out models/digits  # a versioned model directory
+    lepton-jax serve models/digits --port 8000 # HTTP predictions with dynamic batching
 """
 
 from __future__ import annotations
@@ -73,7 +74,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     export.add_argument("--ckpt", required=True, help="checkpoint directory (or the run's output directory)")
     export.add_argument("--out", required=True, help="model directory; a new version folder is added")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    serve = commands.add_parser("serve", help="serve exported model directories over HTTP (KServe v1 REST)")
+    serve.add_argument("model_dirs", nargs="+", help="model directories written by lepton-jax export")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=int, default=64, help="most rows per model call")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
     args, rest = parser.parse_known_args(argv)
+    if args.command == "serve":
+        if rest:
+            parser.error(f"serve: unrecognized arguments {rest}")
+        from lepton_jax.serve import serve as run_server
+
+        try:
+            run_server(args.model_dirs, host=args.host, port=args.port, max_batch=args.max_batch,
+                       max_wait_ms=args.max_wait_ms)
+        except (FileNotFoundError, ValueError) as error:
+            print(f"lepton-jax serve: {error}", file=sys.stderr)
+            return 1
+        return 0
     if args.command == "ckpt":
         from lepton_jax.checkpoint.cli import run_ckpt
 

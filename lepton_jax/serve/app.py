@@ -1,0 +1,232 @@
+"""An ASGI app (Starlette) serving exported model directories over the
+TF-Serving / KServe v1 REST protocol, with dynamic batching.
+
+Routes (``name`` is a model directory's base name):
+
+- ``POST /v1/models/{name}:predict`` (and ``/versions/{v}:predict``):
+  ``{"instances": [...]}`` -> ``{"predictions": [...]}``. An instance is one
+  example without the batch axis (a nested list), or ``{input_name: value}``
+  for models with several inputs. Raw inputs: the model's preprocessing
+  (e.g. the training split's normalization) is applied by the server.
+- ``GET /v1/models/{name}`` (and ``/versions/{v}``): status, versions, the
+  default version and the signature.
+- ``GET /healthz``; ``GET /metrics`` (Prometheus text: requests by model and
+  status code, latency histogram, batch sizes).
+
+Bad input (malformed JSON, no ``instances``, wrong shape or dtype, non-finite
+numbers, a body over the size limit, an unknown model or version) gets a 4xx
+with ``{"error": "..."}`` naming what was wrong and what was expected; it
+never reaches a batch, so it cannot fail a neighbour's request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from typing import Any, Sequence
+
+import numpy as np
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from lepton_jax.export import loader
+from lepton_jax.serve.batcher import DynamicBatcher, bucket_sizes
+
+DEFAULT_MAX_BODY_BYTES = 16 << 20
+
+
+class ServedModel:
+    """One loaded version of a model and its batcher."""
+
+    def __init__(self, name: str, model: loader.LoadedModel, *, max_batch: int, max_wait_ms: float,
+                 on_batch) -> None:
+        self.name, self.model, self.version = name, model, model.version
+        example = [np.zeros([1, *spec["shape"][1:]], loader._numpy_dtype(spec["dtype"]))  # noqa: SLF001
+                   for spec in model.signature["inputs"]]
+        self.batcher = DynamicBatcher(lambda *x: model(*x, preprocess=False), example, max_batch=max_batch,
+                                      max_wait_ms=max_wait_ms, on_batch=on_batch)
+
+    def status(self) -> dict[str, Any]:
+        return {"version": str(self.version), "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
+
+
+class BadRequest(Exception):
+    """A client error: ``status`` and a message naming what was wrong."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def create_app(model_dirs: Sequence[str | os.PathLike], *, max_batch: int = 64, max_wait_ms: float = 5.0,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, warm_up: bool = True) -> Starlette:
+    """The app serving every version in each of ``model_dirs`` (default: the latest).
+
+    Each version is compiled for every bucket size before the app is
+    returned (``warm_up``), so no request waits for compilation.
+    """
+    if not model_dirs:
+        raise ValueError("create_app: give at least one model directory")
+    registry = CollectorRegistry()
+    requests_total = Counter("lepton_requests", "Requests by model and HTTP status", ["model", "code"],
+                             registry=registry)
+    latency = Histogram("lepton_request_latency_seconds", "Request latency", ["model"], registry=registry,
+                        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
+    batch_rows = Histogram("lepton_batch_size", "Rows per model call", ["model"], registry=registry,
+                           buckets=[float(b) for b in bucket_sizes(max_batch)])
+
+    models: dict[str, dict[int, ServedModel]] = {}
+    for model_dir in model_dirs:
+        model_dir = os.path.abspath(os.fspath(model_dir))
+        name = os.path.basename(model_dir.rstrip(os.sep))
+        if name in models:
+            raise ValueError(f"create_app: two model directories are named {name!r}")
+        versions = loader.list_versions(model_dir)
+        if not versions:
+            raise FileNotFoundError(f"create_app: {model_dir!r} holds no exported model versions")
+        models[name] = {}
+        for version in versions:
+            served = ServedModel(name, loader.load(model_dir, version), max_batch=max_batch, max_wait_ms=max_wait_ms,
+                                 on_batch=lambda rows, n=name: batch_rows.labels(model=n).observe(rows))
+            if warm_up:
+                served.batcher.warm_up()
+            models[name][version] = served
+
+    def find(name: str, version: str | None) -> ServedModel:
+        if name not in models:
+            raise BadRequest(404, f"unknown model {name!r}; this server has {sorted(models)}")
+        versions = models[name]
+        if version is None:
+            return versions[max(versions)]
+        if not version.isdigit() or int(version) not in versions:
+            raise BadRequest(404, f"model {name!r} has no version {version!r}; versions are {sorted(versions)}")
+        return versions[int(version)]
+
+    async def predict(request: Request) -> Response:
+        name = request.path_params["name"]
+        start = time.perf_counter()
+        try:
+            served = find(name, request.path_params.get("version"))
+            arrays = served.model.prepare(*_instances_to_arrays(await _read_json(request, max_body_bytes), served))
+            outputs = await served.batcher.submit(arrays)
+            response = JSONResponse({"predictions": _outputs_to_predictions(outputs, served)})
+        except BadRequest as error:
+            response = JSONResponse({"error": str(error)}, status_code=error.status)
+        except ValueError as error:  # shape, dtype or size checks of the signature and the batcher
+            response = JSONResponse({"error": str(error)}, status_code=400)
+        requests_total.labels(model=name, code=str(response.status_code)).inc()
+        latency.labels(model=name).observe(time.perf_counter() - start)
+        return response
+
+    async def model_status(request: Request) -> Response:
+        try:
+            served = find(request.path_params["name"], request.path_params.get("version"))
+        except BadRequest as error:
+            return JSONResponse({"error": str(error)}, status_code=error.status)
+        versions = models[served.name]
+        shown = [served] if "version" in request.path_params else [versions[v] for v in sorted(versions)]
+        return JSONResponse({"model_version_status": [s.status() for s in shown], "default_version": max(versions),
+                             "signature": served.model.signature, "metadata": served.model.metadata})
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "models": {n: sorted(v) for n, v in models.items()}})
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        for versions in models.values():
+            for served in versions.values():
+                served.batcher.start()
+        yield
+        for versions in models.values():  # drain: every queued request is answered
+            for served in versions.values():
+                await served.batcher.stop()
+
+    routes = [
+        Route("/healthz", health),
+        Route("/metrics", metrics),
+        Route("/v1/models/{name}:predict", predict, methods=["POST"]),
+        Route("/v1/models/{name}/versions/{version}:predict", predict, methods=["POST"]),
+        Route("/v1/models/{name}", model_status),
+        Route("/v1/models/{name}/versions/{version}", model_status),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.models = models
+    return app
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BadRequest(413, f"request body of {int(declared):,} bytes is over the limit of {limit:,}")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BadRequest(413, f"request body is over the limit of {limit:,} bytes")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BadRequest(400, f"malformed JSON body: {error}") from None
+
+
+def _instances_to_arrays(payload: Any, served: ServedModel) -> list[np.ndarray]:
+    specs = served.model.signature["inputs"]
+    expected = ", ".join(f"{s['name']}: {s['dtype']}[{', '.join(map(str, s['shape'][1:]))}]" for s in specs)
+    if not isinstance(payload, dict) or "instances" not in payload:
+        raise BadRequest(400, f'the body must be a JSON object {{"instances": [...]}}; each instance is ({expected})')
+    instances = payload["instances"]
+    if not isinstance(instances, list) or not instances:
+        raise BadRequest(400, f'"instances" must be a non-empty list; each instance is ({expected})')
+    if len(specs) == 1:
+        columns = {specs[0]["name"]: instances}
+    else:
+        if not all(isinstance(i, dict) for i in instances):
+            raise BadRequest(400, f"this model has {len(specs)} inputs: each instance must be an object "
+                                  f"{{{', '.join(repr(s['name']) for s in specs)}}}")
+        missing = [s["name"] for s in specs if any(s["name"] not in i for i in instances)]
+        if missing:
+            raise BadRequest(400, f"instances lack input(s) {missing}; expected ({expected})")
+        columns = {s["name"]: [i[s["name"]] for i in instances] for s in specs}
+    arrays = []
+    for spec in specs:
+        try:
+            array = np.asarray(columns[spec["name"]])
+        except ValueError as error:
+            raise BadRequest(400, f"input {spec['name']!r}: instances are ragged or not numbers ({error}); "
+                                  f"expected {expected}") from None
+        if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+            raise BadRequest(400, f"input {spec['name']!r}: instances must be numbers of shape "
+                                  f"{spec['shape'][1:]}, got {array.dtype} values of shape {list(array.shape[1:])}")
+        if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+            raise BadRequest(400, f"input {spec['name']!r}: values must be finite (got NaN or infinity)")
+        arrays.append(array)
+    return arrays
+
+
+def _outputs_to_predictions(outputs: Any, served: ServedModel) -> list[Any]:
+    import jax
+
+    leaves = [np.asarray(x) for x in jax.tree.leaves(outputs)]
+    if len(leaves) == 1:
+        return [_finite_json(row.tolist()) for row in leaves[0]]
+    names = [spec["name"] for spec in served.model.signature["outputs"]]
+    return [{name: _finite_json(leaf[i].tolist()) for name, leaf in zip(names, leaves)}
+            for i in range(leaves[0].shape[0])]
+
+
+def _finite_json(value: Any) -> Any:
+    # Strict JSON has no NaN/inf: a model that produces them reports strings.
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [_finite_json(v) for v in value]
+    return value
