@@ -34,6 +34,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from lepton_jax._pytree import path_str as _path_str
+
 PyTree = Any
 # Managers with a save that may still be in flight (strong references, so a
 # manager dropped without wait() still finishes its write at exit).
@@ -497,17 +499,3 @@ def _check_target(saved: Mapping[str, Any], target: PyTree, where: str) -> None:
         if target_shape != saved_shape:
             raise ValueError(f"CheckpointManager.restore: target leaf {path!r} has shape {target_shape} "
                              f"but the checkpoint has {saved_shape}")
-
-
-def _path_str(path) -> str:
-    # Attribute, dict-key and sequence-index entries all print as plain names,
-    # so a dataclass target and the dict tree Orbax stored compare equal.
-    parts = []
-    for entry in path:
-        for attr in ("name", "key", "idx"):
-            if hasattr(entry, attr):
-                parts.append(str(getattr(entry, attr)))
-                break
-        else:
-            parts.append(str(entry))
-    return "/".join(parts)

@@ -19,21 +19,10 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from lepton_jax._pytree import path_str  # re-exported: this module's names are these paths
+
 PyTree = Any
 SEPARATOR = "/"
-
-
-def path_str(path: tuple[Any, ...]) -> str:
-    """A ``jax.tree_util`` key path as a '/'-joined string: ``"params/dense/kernel"``."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey/FlattenedIndexKey
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return SEPARATOR.join(parts)
 
 
 def flatten(tree: PyTree, is_leaf: Any = None) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 
+from lepton_jax._pytree import path_str as _path_str
 from lepton_jax.export import loader
 
 PyTree = Any
@@ -158,18 +159,6 @@ def _plain_dicts(tree: PyTree) -> PyTree:
     if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
         return type(tree)(_plain_dicts(v) for v in tree)
     return tree
-
-
-def _path_str(path) -> str:
-    parts = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                parts.append(str(getattr(entry, attr)))
-                break
-        else:
-            parts.append(str(entry))
-    return "/".join(parts)
 
 
 def _flatten_params(params: PyTree) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
