@@ -54,3 +54,10 @@ def check_stored_in_features(module, where: str, x: jax.Array, axis: int, what: 
         expected = jnp.shape(stored)[axis]
         if x.shape[-1] != expected:
             raise ValueError(f"{where}: x must have {expected} {what} (last axis), got shape {x.shape}")
+
+
+def cast(x, dtype):
+    """``x.astype(dtype)``, skipped when ``x`` already has it: parameters that
+    are wrapped (e.g. qwix's quantized weights) then reach the matmul as they
+    are, so its interception sees the quantized array."""
+    return x if getattr(x, "dtype", None) == jnp.dtype(dtype) else x.astype(dtype)

@@ -8,7 +8,7 @@ import flax.linen as linen
 import jax
 import jax.numpy as jnp
 
-from lepton_jax.nn._checks import as_tuple, check_stored_in_features, spatial_window
+from lepton_jax.nn._checks import as_tuple, cast, check_stored_in_features, spatial_window
 
 Padding = str | int | Sequence[tuple[int, int]]
 
@@ -62,8 +62,8 @@ class Conv(linen.Module):
         dims = jax.lax.conv_dimension_numbers(
             x.shape, kernel.shape, (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
         y = jax.lax.conv_general_dilated(
-            x.astype(dtype), kernel.astype(dtype), window_strides=strides, padding=padding,
+            cast(x, dtype), cast(kernel, dtype), window_strides=strides, padding=padding,
             rhs_dilation=dilation, dimension_numbers=dims)
         if self.use_bias:
-            y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(dtype)
+            y = y + cast(self.param("bias", self.bias_init, (self.features,), self.param_dtype), dtype)
         return y

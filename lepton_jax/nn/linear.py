@@ -8,7 +8,7 @@ import flax.linen as linen
 import jax
 import jax.numpy as jnp
 
-from lepton_jax.nn._checks import check_float_input, check_stored_in_features
+from lepton_jax.nn._checks import cast, check_float_input, check_stored_in_features
 from lepton_jax.nn.dropout import Dropout
 
 Initializer = Callable[..., jax.Array]
@@ -41,10 +41,10 @@ class Dense(linen.Module):
             bias_init = linen.with_logical_partitioning(bias_init, (self.kernel_axes[1],))
         kernel_IxF = self.param("kernel", kernel_init, (x_NxI.shape[-1], self.features), self.param_dtype)
         dtype = self.dtype or x_NxI.dtype
-        y_NxF = jnp.dot(x_NxI.astype(dtype), kernel_IxF.astype(dtype))
+        y_NxF = jnp.dot(cast(x_NxI, dtype), cast(kernel_IxF, dtype))
         if self.use_bias:
             bias_F = self.param("bias", bias_init, (self.features,), self.param_dtype)
-            y_NxF = y_NxF + bias_F.astype(dtype)
+            y_NxF = y_NxF + cast(bias_F, dtype)
         return y_NxF
 
 
