@@ -74,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     export.add_argument("--ckpt", required=True, help="checkpoint directory (or the run's output directory)")
     export.add_argument("--out", required=True, help="model directory; a new version folder is added")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    export.add_argument("--quantize", choices=("int8", "int8_weight"), default=None,
+                        help="post-training int8 quantization (weights and activations, or weights only)")
     serve = commands.add_parser("serve", help="serve exported model directories over HTTP (KServe v1 REST)")
     serve.add_argument("model_dirs", nargs="+", help="model directories written by lepton-jax export")
     serve.add_argument("--host", default="127.0.0.1")
@@ -104,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lepton_jax.export import export_recipe
 
         try:
-            print(export_recipe(args.recipe, args.ckpt, args.out, step=args.step))
+            print(export_recipe(args.recipe, args.ckpt, args.out, step=args.step, quantize=args.quantize))
         except (FileNotFoundError, ValueError) as error:
             print(f"lepton-jax export: {error}", file=sys.stderr)
             return 1

@@ -22,7 +22,7 @@ RECIPES = ("digits", "gpt")
 
 
 def export_recipe(recipe: str, ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int | None = None,
-                  *, platforms: Sequence[str] = DEFAULT_PLATFORMS) -> str:
+                  *, platforms: Sequence[str] = DEFAULT_PLATFORMS, quantize: str | None = None) -> str:
     """Exports the model a recipe trained into ``out_dir/<next version>/``.
 
     Args:
@@ -35,6 +35,8 @@ def export_recipe(recipe: str, ckpt_dir: str | os.PathLike, out_dir: str | os.Pa
       out_dir: the model directory to add a version to.
       step: the checkpoint step; ``None``: the latest.
       platforms: as for ``export_model``.
+      quantize: ``None``, ``"int8"`` (weights and activations, scales from
+        training batches; digits only) or ``"int8_weight"`` (``lepton_jax.quant``).
 
     Returns:
       The path of the written version directory.
@@ -56,9 +58,12 @@ def export_recipe(recipe: str, ckpt_dir: str | os.PathLike, out_dir: str | os.Pa
         extra = manager.extra(step)
         metrics = manager.metrics(step)
         build = {"digits": _digits, "gpt": _gpt}[recipe]
-        apply_fn, variables, example, names, preprocessing, config = build(manager, step, extra, ckpt_dir)
+        apply_fn, variables, example, names, preprocessing, config, model, calibration = build(
+            manager, step, extra, ckpt_dir)
+    if quantize is not None:
+        apply_fn, variables = _quantized(recipe, quantize, model, variables, example, calibration)
     metadata = {"recipe": recipe, "source": {"checkpoint_dir": ckpt_dir, "step": step},
-                "metrics": metrics, "config": config}
+                "metrics": metrics, "config": config, "quantization": quantize}
     return export_model(out_dir, apply_fn, variables, example, input_names=names[0], output_names=names[1],
                         platforms=platforms, preprocessing=preprocessing, metadata=metadata)
 
@@ -96,7 +101,22 @@ def _known_fields(config_class: type, config: Mapping[str, Any]) -> dict[str, An
     return {k: v for k, v in config.items() if k in names}
 
 
-Built = tuple[Callable[..., Any], Any, np.ndarray, tuple[tuple[str, ...], tuple[str, ...]], dict | None, dict]
+Built = tuple[Callable[..., Any], Any, np.ndarray, tuple[tuple[str, ...], tuple[str, ...]], dict | None, dict, Any,
+              Callable[[], list[np.ndarray]]]
+
+
+def _quantized(recipe: str, mode: str, model, variables, example, calibration) -> tuple[Callable[..., Any], Any]:
+    from lepton_jax import quant
+
+    if mode not in quant.MODES:
+        raise ValueError(f"export_recipe: quantize must be one of {quant.MODES}, got {mode!r}")
+    if recipe == "gpt" and mode == "int8":
+        raise ValueError("export_recipe: the GPT supports quantize='int8_weight' only (qwix 0.1.8 cannot give "
+                         "static scales to the activation x activation products inside attention)")
+    # The GPT's blocks only: its tied embedding also feeds a gather, which qwix cannot take quantized.
+    quantized = quant.quantize(model, variables, example, mode=mode, module_path="block_.*" if recipe == "gpt" else ".*",
+                               calibration=calibration() if mode == "int8" else None)
+    return quantized.export_parts()
 
 
 def _digits(manager, step: int, extra: Mapping[str, Any], ckpt_dir: str) -> Built:
@@ -115,7 +135,13 @@ def _digits(manager, step: int, extra: Mapping[str, Any], ckpt_dir: str) -> Buil
 
     example = np.zeros((1, 8, 8, 1), np.float32)
     preprocessing = {"normalize": {"mean": normalizer["mean"], "std": normalizer["std"]}}
-    return digits_logits, variables, example, (("images",), ("logits",)), preprocessing, config
+
+    def calibration() -> list[np.ndarray]:  # normalized training images, as the model saw them
+        images = digits.load_splits(int(config.get("seed", 0)))[0]["image"]
+        return [images[i:i + 64] for i in range(0, 256, 64)]
+
+    return (digits_logits, variables, example, (("images",), ("logits",)), preprocessing, config, model,
+            calibration)
 
 
 def _gpt(manager, step: int, extra: Mapping[str, Any], ckpt_dir: str) -> Built:
@@ -132,4 +158,4 @@ def _gpt(manager, step: int, extra: Mapping[str, Any], ckpt_dir: str) -> Built:
         return model.apply(variables, tokens_BxS, train=False)
 
     example = np.zeros((1, run.seq_len), np.int32)
-    return gpt_logits, {"params": params}, example, (("tokens",), ("logits",)), None, config
+    return gpt_logits, {"params": params}, example, (("tokens",), ("logits",)), None, config, model, list

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from lepton_jax import nn, ops
+from lepton_jax.nn._checks import cast
 
 ACTIVATION = ("batch", "seq", "embed")
 
@@ -106,9 +107,9 @@ class Attention(linen.Module):
         w_o_HxDxE = _param(self, "out", (H, D, E), ("heads", "head_dim", "embed"),
                            linen.initializers.normal(stddev=0.02 / (2 * c.num_layers) ** 0.5))
         x = x_BxSxE.astype(c.dtype)
-        q_BxSxHxD = jnp.einsum("bse,ehd->bshd", x, w_q_ExHxD.astype(c.dtype))
-        k_BxSxKxD = jnp.einsum("bse,ekd->bskd", x, w_k_ExKxD.astype(c.dtype))
-        v_BxSxKxD = jnp.einsum("bse,ekd->bskd", x, w_v_ExKxD.astype(c.dtype))
+        q_BxSxHxD = jnp.einsum("bse,ehd->bshd", x, cast(w_q_ExHxD, c.dtype))
+        k_BxSxKxD = jnp.einsum("bse,ekd->bskd", x, cast(w_k_ExKxD, c.dtype))
+        v_BxSxKxD = jnp.einsum("bse,ekd->bskd", x, cast(w_v_ExKxD, c.dtype))
         if c.positions == "rotary":
             q_BxSxHxD, k_BxSxKxD = _rotary(q_BxSxHxD, positions_S), _rotary(k_BxSxKxD, positions_S)
         if decode:
@@ -116,7 +117,7 @@ class Attention(linen.Module):
         else:
             out_BxSxHxD = ops.attention(q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, causal=True,
                                         implementation=c.attention_implementation)
-        return jnp.einsum("bshd,hde->bse", out_BxSxHxD, w_o_HxDxE.astype(c.dtype))
+        return jnp.einsum("bshd,hde->bse", out_BxSxHxD, cast(w_o_HxDxE, c.dtype))
 
     def _attend_cache(self, q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, positions_S):
         c = self.config
@@ -145,16 +146,16 @@ class MLPBlock(linen.Module):
         c = self.config
         x = x_BxSxE.astype(c.dtype)
         w_in_ExF = _param(self, "w_in", (c.d_model, c.d_ff), ("embed", "mlp"))
-        h_BxSxF = x @ w_in_ExF.astype(c.dtype)
+        h_BxSxF = jnp.einsum("bse,ef->bsf", x, cast(w_in_ExF, c.dtype))
         if c.mlp == "swiglu":
             w_gate_ExF = _param(self, "w_gate", (c.d_model, c.d_ff), ("embed", "mlp"))
-            h_BxSxF = jax.nn.silu(x @ w_gate_ExF.astype(c.dtype)) * h_BxSxF
+            h_BxSxF = jax.nn.silu(jnp.einsum("bse,ef->bsf", x, cast(w_gate_ExF, c.dtype))) * h_BxSxF
         else:
             h_BxSxF = jax.nn.gelu(h_BxSxF, approximate=True)
         h_BxSxF = linen.with_logical_constraint(h_BxSxF, ("batch", "seq", "mlp"))
         w_out_FxE = _param(self, "w_out", (c.d_ff, c.d_model), ("mlp", "embed"),
                            linen.initializers.normal(stddev=0.02 / (2 * c.num_layers) ** 0.5))
-        return h_BxSxF @ w_out_FxE.astype(c.dtype)
+        return jnp.einsum("bsf,fe->bse", h_BxSxF, cast(w_out_FxE, c.dtype))
 
 
 class Block(linen.Module):

@@ -41,7 +41,10 @@ class Dense(linen.Module):
             bias_init = linen.with_logical_partitioning(bias_init, (self.kernel_axes[1],))
         kernel_IxF = self.param("kernel", kernel_init, (x_NxI.shape[-1], self.features), self.param_dtype)
         dtype = self.dtype or x_NxI.dtype
-        y_NxF = jnp.dot(cast(x_NxI, dtype), cast(kernel_IxF, dtype))
+        # lax.dot_general, not jnp.dot (a jitted wrapper): quantization libraries
+        # that intercept dot_general (qwix) then see it in this module's scope.
+        x_NxI = cast(x_NxI, dtype)
+        y_NxF = jax.lax.dot_general(x_NxI, cast(kernel_IxF, dtype), (((x_NxI.ndim - 1,), (0,)), ((), ())))
         if self.use_bias:
             bias_F = self.param("bias", bias_init, (self.features,), self.param_dtype)
             y_NxF = y_NxF + cast(bias_F, dtype)
