@@ -11,7 +11,9 @@ which imports the whole framework).
 """
 
 from lepton_jax.export.from_recipe import RECIPES, export_recipe
-from lepton_jax.export.loader import LoadedModel, list_versions, load
+from lepton_jax.export.generation import export_decoder
+from lepton_jax.export.loader import Generator, LoadedModel, list_versions, load
 from lepton_jax.export.model_dir import DEFAULT_PLATFORMS, export_model
 
-__all__ = ["DEFAULT_PLATFORMS", "RECIPES", "LoadedModel", "export_model", "export_recipe", "list_versions", "load"]
+__all__ = ["DEFAULT_PLATFORMS", "RECIPES", "Generator", "LoadedModel", "export_decoder", "export_model", "export_recipe",
+           "list_versions", "load"]

@@ -64,8 +64,13 @@ def export_recipe(recipe: str, ckpt_dir: str | os.PathLike, out_dir: str | os.Pa
         apply_fn, variables = _quantized(recipe, quantize, model, variables, example, calibration)
     metadata = {"recipe": recipe, "source": {"checkpoint_dir": ckpt_dir, "step": step},
                 "metrics": metrics, "config": config, "quantization": quantize}
-    return export_model(out_dir, apply_fn, variables, example, input_names=names[0], output_names=names[1],
+    path = export_model(out_dir, apply_fn, variables, example, input_names=names[0], output_names=names[1],
                         platforms=platforms, preprocessing=preprocessing, metadata=metadata)
+    if recipe == "gpt" and quantize is None:  # a KV-cache decode step for :generate (float weights)
+        from lepton_jax.export.generation import export_decoder
+
+        export_decoder(path, model, variables, platforms=platforms, tokenizer="bytes")
+    return path
 
 
 def _checkpoint_dir(ckpt_dir: str | os.PathLike) -> str:

@@ -126,12 +126,82 @@ class LoadedModel:
             prepared.append(x.astype(_numpy_dtype(spec["dtype"]), copy=False))
         return prepared
 
+    @property
+    def generator(self) -> "Generator | None":
+        """Token-by-token generation with a KV cache, for models exported with a
+        decode step (``export_decoder``); ``None`` otherwise."""
+        spec = self.signature.get("generation")
+        if spec is None:
+            return None
+        if getattr(self, "_generator", None) is None:
+            with open(os.path.join(self.path, spec["file"]), "rb") as f:
+                decoder = jax.export.deserialize(bytearray(f.read()))
+            self._generator = Generator(decoder, self.params, spec, self.device)
+        return self._generator
+
     def __repr__(self) -> str:
         def describe(specs):
             return ", ".join(f"{s['name']}: {s['dtype']}[{', '.join(map(str, s['shape']))}]" for s in specs)
 
         return (f"LoadedModel(version={self.version}, platform={self.platform!r}, "
                 f"inputs=({describe(self.signature['inputs'])}), outputs=({describe(self.signature['outputs'])}))")
+
+
+class Generator:
+    """Samples tokens one at a time from an exported decode step.
+
+    ``stream(prompt, max_tokens, ...)`` feeds the prompt through the cache,
+    then yields each sampled token id as soon as it is drawn.
+    """
+
+    def __init__(self, decoder: jax.export.Exported, params: Any, spec: Mapping[str, Any], device: jax.Device) -> None:
+        self.spec, self.params, self.device = spec, params, device
+        self.max_len, self.vocab_size = int(spec["max_len"]), int(spec["vocab_size"])
+        self._step = jax.jit(decoder.call)
+
+    def _empty_cache(self) -> list[jax.Array]:
+        return [jax.device_put(np.zeros([1 if d == BATCH_SYMBOL else d for d in leaf["shape"]],
+                                        _numpy_dtype(leaf["dtype"])), self.device) for leaf in self.spec["cache"]]
+
+    def check(self, prompt: Sequence[int], max_tokens: int, temperature: float, top_k: int) -> None:
+        """Raises ``ValueError`` naming the argument that cannot be served."""
+        if len(prompt) < 1:
+            raise ValueError("generate: prompt must hold at least one token")
+        if any(not 0 <= int(t) < self.vocab_size for t in prompt):
+            raise ValueError(f"generate: prompt tokens must be in [0, {self.vocab_size})")
+        if not isinstance(max_tokens, int) or max_tokens < 1 or len(prompt) + max_tokens > self.max_len:
+            raise ValueError(f"generate: max_tokens must be an int >= 1 with prompt + max_tokens <= {self.max_len} "
+                             f"(the model's context); got prompt {len(prompt)} + max_tokens {max_tokens!r}")
+        if not isinstance(temperature, (int, float)) or temperature < 0:
+            raise ValueError(f"generate: temperature must be a number >= 0, got {temperature!r}")
+        if not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"generate: top_k must be an int >= 0 (0: all tokens), got {top_k!r}")
+
+    def stream(self, prompt: Sequence[int], max_tokens: int, *, temperature: float = 1.0, top_k: int = 0,
+               seed: int = 0):
+        """Yields ``max_tokens`` token ids sampled after ``prompt`` (greedy at
+        ``temperature=0``; ``top_k=0`` samples from every token)."""
+        self.check(prompt, max_tokens, temperature, top_k)
+        rng = np.random.default_rng(seed)
+        cache = self._empty_cache()
+        logits = None
+        for token in prompt:
+            logits, *cache = self._step(self.params, np.array([[token]], np.int32), *cache)
+        for _ in range(max_tokens):
+            token = _sample(np.asarray(logits[0], np.float64), temperature, top_k, rng)
+            yield token
+            logits, *cache = self._step(self.params, np.array([[token]], np.int32), *cache)
+
+
+def _sample(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
+    if temperature == 0:
+        return int(np.argmax(logits))
+    logits = logits / temperature
+    if top_k:
+        kth = np.sort(logits)[-min(top_k, len(logits))]
+        logits = np.where(logits < kth, -np.inf, logits)
+    probs = np.exp(logits - logits.max())
+    return int(rng.choice(len(probs), p=probs / probs.sum()))
 
 
 def load(model_dir: str | os.PathLike, version: int | None = None, *, platform: str | None = None) -> LoadedModel:

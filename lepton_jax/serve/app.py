@@ -8,6 +8,10 @@ Routes (``name`` is a model directory's base name):
   example without the batch axis (a nested list), or ``{input_name: value}``
   for models with several inputs. Raw inputs: the model's preprocessing
   (e.g. the training split's normalization) is applied by the server.
+- ``POST /v1/models/{name}:generate`` for models exported with a decode step
+  (the GPT): ``{"prompt", "max_tokens", "temperature", "top_k", "seed"}`` ->
+  server-sent events, one ``{"token", "text"}`` per sampled token as soon as it
+  is drawn (KV cache), then ``[DONE]``.
 - ``GET /v1/models/{name}`` (and ``/versions/{v}``): status, versions, the
   default version and the signature.
 - ``GET /healthz``; ``GET /metrics`` (Prometheus text: requests by model and
@@ -21,6 +25,8 @@ never reaches a batch, so it cannot fail a neighbour's request.
 
 from __future__ import annotations
 
+import asyncio
+import codecs
 import contextlib
 import json
 import math
@@ -32,7 +38,7 @@ import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from lepton_jax.export import loader
@@ -124,6 +130,42 @@ def create_app(model_dirs: Sequence[str | os.PathLike], *, max_batch: int = 64, 
         latency.labels(model=name).observe(time.perf_counter() - start)
         return response
 
+    async def generate(request: Request) -> Response:
+        name = request.path_params["name"]
+        try:
+            served = find(name, request.path_params.get("version"))
+            generator = served.model.generator
+            if generator is None:
+                raise BadRequest(400, f"model {name!r} has no decode step: :generate serves models exported with one "
+                                      "(lepton-jax export --recipe gpt)")
+            args = _generation_args(await _read_json(request, max_body_bytes))
+            prompt = list(args.pop("prompt").encode("utf-8"))
+            if args["max_tokens"] is None:  # default: up to 64, within the model's context
+                args["max_tokens"] = max(1, min(64, generator.max_len - len(prompt)))
+            generator.check(prompt, args["max_tokens"], args["temperature"], args["top_k"])
+        except BadRequest as error:
+            requests_total.labels(model=name, code=str(error.status)).inc()
+            return JSONResponse({"error": str(error)}, status_code=error.status)
+        except ValueError as error:
+            requests_total.labels(model=name, code="400").inc()
+            return JSONResponse({"error": str(error)}, status_code=400)
+        requests_total.labels(model=name, code="200").inc()
+        tokens = generator.stream(prompt, args["max_tokens"], temperature=args["temperature"], top_k=args["top_k"],
+                                  seed=args["seed"])
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+        async def events():
+            loop = asyncio.get_running_loop()
+            while True:
+                token = await loop.run_in_executor(None, next, tokens, None)
+                if token is None:
+                    break
+                text = decoder.decode(bytes([token]))
+                yield f"data: {json.dumps({'token': token, 'text': text})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
     async def model_status(request: Request) -> Response:
         try:
             served = find(request.path_params["name"], request.path_params.get("version"))
@@ -155,6 +197,8 @@ def create_app(model_dirs: Sequence[str | os.PathLike], *, max_batch: int = 64, 
         Route("/metrics", metrics),
         Route("/v1/models/{name}:predict", predict, methods=["POST"]),
         Route("/v1/models/{name}/versions/{version}:predict", predict, methods=["POST"]),
+        Route("/v1/models/{name}:generate", generate, methods=["POST"]),
+        Route("/v1/models/{name}/versions/{version}:generate", generate, methods=["POST"]),
         Route("/v1/models/{name}", model_status),
         Route("/v1/models/{name}/versions/{version}", model_status),
     ]
@@ -176,6 +220,21 @@ async def _read_json(request: Request, limit: int) -> Any:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BadRequest(400, f"malformed JSON body: {error}") from None
+
+
+def _generation_args(payload: Any) -> dict[str, Any]:
+    if not isinstance(payload, dict) or not isinstance(payload.get("prompt"), str) or not payload["prompt"]:
+        raise BadRequest(400, 'the body must be a JSON object with a non-empty "prompt" string (and optionally '
+                              '"max_tokens", "temperature", "top_k", "seed")')
+    unknown = sorted(set(payload) - {"prompt", "max_tokens", "temperature", "top_k", "seed"})
+    if unknown:
+        raise BadRequest(400, f"unknown generation fields {unknown}; known: prompt, max_tokens, temperature, top_k, seed")
+    args = {"prompt": payload["prompt"], "max_tokens": payload.get("max_tokens"),
+            "temperature": payload.get("temperature", 1.0), "top_k": payload.get("top_k", 0),
+            "seed": payload.get("seed", 0)}
+    if not isinstance(args["seed"], int):
+        raise BadRequest(400, f"seed must be an int, got {args['seed']!r}")
+    return args
 
 
 def _instances_to_arrays(payload: Any, served: ServedModel) -> list[np.ndarray]:

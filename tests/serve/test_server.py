@@ -218,3 +218,72 @@ def test_command_line_serves_and_stops_on_sigterm(tmp_path):
         assert process.wait(timeout=60) == 0
     finally:
         process.kill()
+
+
+def _gpt_export(root):
+    import jax
+    from flax import linen
+
+    from lepton_jax import models
+    from lepton_jax.export import export_decoder
+
+    model = models.GPT(models.GPTConfig(vocab_size=256, max_len=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                        d_model=32, d_ff=64, positions="rotary"))
+    example = np.zeros((1, 32), np.int32)
+    params = linen.meta.unbox(model.init(jax.random.PRNGKey(3), example)["params"])
+    params = jax.tree.map(lambda p: p * 8.0, params)  # sharper logits: greedy text that varies
+    variables = {"params": params}
+    path = export_model(str(root / "gpt"), lambda v, t: model.apply(v, t), variables, example, platforms=("cpu",),
+                        input_names=("tokens",), output_names=("logits",))
+    export_decoder(path, model, variables, platforms=("cpu",))
+    return str(root / "gpt"), model, params
+
+
+def _events(response) -> list:
+    import json
+
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            events.append(line[6:] if line[6:] == "[DONE]" else json.loads(line[6:]))
+    return events
+
+
+def test_generate_streams_the_kv_cache_decoding(tmp_path):
+    from lepton_jax import models
+
+    gpt_dir, model, params = _gpt_export(tmp_path)
+    model_dir, _, _, _ = _export_models(tmp_path)
+    server = _Server(create_app([gpt_dir, model_dir], max_batch=4))
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            with client.stream("POST", "/v1/models/gpt:generate",
+                               json={"prompt": "def ", "max_tokens": 12, "temperature": 0}) as response:
+                assert response.headers["content-type"].startswith("text/event-stream")
+                events = _events(response)
+            assert events[-1] == "[DONE]" and len(events) == 13
+            tokens = [e["token"] for e in events[:-1]]
+            want = models.generate(model, params, np.frombuffer(b"def ", np.uint8).astype(np.int32)[None], 12,
+                                   temperature=0.0)
+            assert tokens == np.asarray(want[0, 4:]).tolist()
+            assert len(set(tokens)) > 1
+            sampled = [client.post("/v1/models/gpt:generate", json={"prompt": "x", "max_tokens": 8,
+                                                                    "temperature": 1.0, "top_k": 5, "seed": 7})
+                       for _ in range(2)]
+            assert sampled[0].text == sampled[1].text  # the seed fixes the sample
+            for body, message in [({"max_tokens": 3}, "non-empty \"prompt\""),
+                                  ({"prompt": "hello", "max_tokens": 40}, "max_tokens must be an int >= 1 with"),
+                                  ({"prompt": "hi", "temperature": -1}, "temperature must be a number >= 0"),
+                                  ({"prompt": "hi", "top_p": 0.9}, "unknown generation fields \\['top_p'\\]")]:
+                bad = client.post("/v1/models/gpt:generate", json=body)
+                assert bad.status_code == 400 and re.search(message, bad.json()["error"]), bad.json()
+            not_gpt = client.post("/v1/models/digits:generate", json={"prompt": "hi"})
+            assert not_gpt.status_code == 400 and "has no decode step" in not_gpt.json()["error"]
+            tokens_in = np.frombuffer(b"def main", np.uint8).astype(np.int32)
+            padded = np.zeros((1, 32), np.int32)
+            padded[0, :8] = tokens_in
+            logits = client.post("/v1/models/gpt:predict", json={"instances": padded.tolist()}).json()["predictions"]
+            np.testing.assert_allclose(np.asarray(logits)[0, :8], np.asarray(model.apply({"params": params}, padded))[0, :8],
+                                       rtol=1e-4, atol=1e-4)
+    finally:
+        server.stop()
