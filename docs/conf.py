@@ -38,7 +38,7 @@ suppress_warnings = ["mystnb.unknown_mime_type", "config.cache", "myst.header"]
 API_PACKAGES = ["lepton_jax.nn", "lepton_jax.ops", "lepton_jax.optim", "lepton_jax.data", "lepton_jax.train",
                 "lepton_jax.checkpoint", "lepton_jax.parallel", "lepton_jax.models", "lepton_jax.pallas",
                 "lepton_jax.config"]
-for optional in ("lepton_jax.export", "lepton_jax.prune", "lepton_jax.quant", "lepton_jax.serve"):
+for optional in ("lepton_jax.export", "lepton_jax.prune", "lepton_jax.quant", "lepton_jax.serve"):  # noqa: E501
     try:
         importlib.import_module(optional)
         API_PACKAGES.append(optional)

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from lepton_jax import checkpoint, cli, data
+from lepton_jax import checkpoint, cli, data, models
 from lepton_jax.export import export_model, export_recipe, list_versions, load
 from recipes import digits, gpt
 
@@ -102,6 +102,11 @@ def test_gpt_export_matches_model_at_two_batch_sizes(tmp_path):
         tokens = rng.integers(0, 256, (batch, 16), dtype=np.int32)
         expected = np.asarray(apply({"params": params}, tokens))
         np.testing.assert_allclose(model(tokens), expected, rtol=1e-5, atol=1e-5)
+    # The export carries a KV-cache decode step: greedy generation matches the framework's.
+    prompt = [100, 101, 102]
+    got = list(model.generator.stream(prompt, 8, temperature=0.0))
+    want = models.generate(reference, params, np.array([prompt], np.int32), 8, temperature=0.0)
+    assert got == np.asarray(want[0, 3:]).tolist()
 
 
 def test_loader_runs_without_flax(digits_export, images, tmp_path):
