@@ -67,6 +67,22 @@ def _rules(mode: str, module_path: str) -> list:
             qwix.QuantizationRule(module_path=module_path, weight_qtype="int8")]
 
 
+def qat(model: linen.Module, *, mode: str = "int8", module_path: str = ".*") -> linen.Module:
+    """``model`` with quantization in the loop, for quantization-aware training.
+
+    The returned module rounds weights (and with ``"int8"`` activations) to
+    int8 in the forward pass and passes gradients straight through; its
+    activation statistics live in the ``"quant_stats"`` collection, which
+    ``create_train_state`` keeps in ``model_state`` and the train step
+    updates. Train it like ``model``, then ``quantize`` the trained variables.
+    """
+    import qwix
+
+    if mode not in MODES:
+        raise ValueError(f"qat: mode must be one of {MODES}, got {mode!r}")
+    return qwix.quantize_model(model, qwix.QtProvider(_rules(mode, module_path)))
+
+
 def quantize(model: linen.Module, variables: dict[str, Any], example_inputs: jax.Array, *, mode: str = "int8",
              calibration: Iterable[jax.Array] | None = None, module_path: str = ".*",
              apply_kwargs: dict[str, Any] | None = None) -> QuantizedModel:

@@ -91,3 +91,29 @@ def test_bad_arguments():
         quant.quantize(model, variables, x, mode="int4")
     with pytest.raises(ValueError, match="calibration batches"):
         quant.quantize(model, variables, x, mode="int8")
+
+
+def test_quantization_aware_training_with_fit():
+    import optax
+
+    from lepton_jax import train
+
+    train_split, _, test_split, _ = digits.load_splits(0)
+    accuracies = {}
+    for name, model in (("float", models.MLPClassifier()), ("qat", quant.qat(models.MLPClassifier(), mode="int8"))):
+        tx = optax.adam(2e-3)
+        state = train.create_train_state(model, tx, train_split["image"][:1])
+        if name == "qat":
+            assert "quant_stats" in state.model_state  # activation ranges, updated by the train step
+        loss = train.classification_loss()
+        result = train.fit(state, train.make_train_step(model, tx, loss), data.BatchIterator(train_split, 64),
+                           num_steps=300, progress=False, eval_step=train.make_eval_step(model, loss, num_classes=10),
+                           eval_data=test_split, eval_every=300)
+        accuracies[name] = result.eval_metrics["accuracy"]
+        if name == "qat":
+            deployed = quant.quantize(models.MLPClassifier(), {"params": result.state.params}, train_split["image"][:1],
+                                      mode="int8", calibration=[train_split["image"][:128]])
+            accuracies["qat_int8"] = _accuracy(deployed.apply, test_split)
+    assert accuracies["float"] > 0.95
+    assert accuracies["qat"] >= accuracies["float"] - 0.01 and accuracies["qat_int8"] >= accuracies["float"] - 0.01, \
+        accuracies
