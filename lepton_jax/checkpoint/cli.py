@@ -218,17 +218,24 @@ def list_steps(directory: str | os.PathLike) -> dict[str, Any]:
     return {"directory": path, "steps": steps}
 
 
-def inspect_step(directory: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+def inspect_step(directory: str | os.PathLike, step: int | None = None, *, sparsity: bool = False) -> dict[str, Any]:
     """Every array of a step (default: the latest) from metadata, without reading data.
 
     ``total_params`` counts the elements under the ``params`` subtree, or of
-    every array when there is none.
+    every array when there is none. With ``sparsity`` the arrays are read and
+    each gets ``"sparsity"``: its fraction of exact zeros (pruned weights).
     """
     with _open(directory) as (manager, path):
         step = _resolve(manager, path, step)
-        specs = _array_specs(_metadata_tree(manager, path, step))
+        tree = _metadata_tree(manager, path, step)
+        specs = _array_specs(tree)
+        values = _read_flat(manager, path, step, tree) if sparsity else {}
     arrays = [{"path": name, "shape": list(shape), "dtype": dtype.name, "bytes": math.prod(shape) * dtype.itemsize}
               for name, (shape, dtype) in specs.items()]
+    for entry in arrays:
+        if entry["path"] in values:
+            value = np.asarray(values[entry["path"]])
+            entry["sparsity"] = float(np.mean(value == 0)) if value.size else 0.0
     params = [a for a in arrays if _in_params(a["path"])] or arrays
     return {"directory": path, "step": step, "arrays": arrays, "total_bytes": sum(a["bytes"] for a in arrays),
             "total_params": sum(math.prod(a["shape"]) for a in params)}
@@ -460,8 +467,13 @@ def _print_human(verb: str, result: dict[str, Any]) -> None:
                        _format_metrics(s["metrics"])) for s in result["steps"]]))
     elif verb == "inspect":
         print(f"step {result['step']} of {result['directory']}")
-        print(_table(("path", "shape", "dtype", "bytes"),
-                     [(a["path"], tuple(a["shape"]), a["dtype"], a["bytes"]) for a in result["arrays"]]))
+        if any("sparsity" in a for a in result["arrays"]):
+            print(_table(("path", "shape", "dtype", "bytes", "sparsity"),
+                         [(a["path"], tuple(a["shape"]), a["dtype"], a["bytes"], f"{a.get('sparsity', 0.0):.1%}")
+                          for a in result["arrays"]]))
+        else:
+            print(_table(("path", "shape", "dtype", "bytes"),
+                         [(a["path"], tuple(a["shape"]), a["dtype"], a["bytes"]) for a in result["arrays"]]))
         total = result["total_bytes"]
         exact = f" ({total:,} bytes)" if total >= 1024 else ""
         print(f"{len(result['arrays'])} arrays, {_human_bytes(total)}{exact}, {result['total_params']:,} params")
@@ -501,6 +513,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect = verbs.add_parser("inspect", parents=[common], help="every array's path, shape, dtype and bytes")
     inspect.add_argument("directory")
     inspect.add_argument("--step", type=int, help="default: the latest")
+    inspect.add_argument("--sparsity", action="store_true", help="read the arrays and report each one's zeros")
     diff = verbs.add_parser("diff", parents=[common], help="compare two checkpoints; exit 1 when they differ")
     diff.add_argument("a")
     diff.add_argument("b")
@@ -531,7 +544,7 @@ def run_ckpt(argv: Sequence[str]) -> int:
             if args.verb == "ls":
                 result = list_steps(args.directory)
             elif args.verb == "inspect":
-                result = inspect_step(args.directory, args.step)
+                result = inspect_step(args.directory, args.step, sparsity=args.sparsity)
             elif args.verb == "diff":
                 result = diff_checkpoints(args.a, args.b, args.step_a, args.step_b)
             elif args.verb == "convert":

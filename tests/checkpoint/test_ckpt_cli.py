@@ -133,6 +133,17 @@ def test_inspect_counts_every_array_without_a_params_subtree(tmp_path, capsys):
     assert status == 0 and result["step"] == 3 and result["total_params"] == 10
 
 
+def test_inspect_reports_sparsity_per_array(tmp_path, capsys):
+    w = np.arange(20, dtype=np.float32).reshape(4, 5)
+    w[w % 4 == 0] = 0.0  # 5 of 20 are zero
+    directory = _write(tmp_path / "pruned", {1: {"params": {"w": w, "b": np.ones(3, np.float32)}}})
+    status, result = _run_json(capsys, "inspect", directory, "--sparsity")
+    assert status == 0
+    assert {a["path"]: a["sparsity"] for a in result["arrays"]} == {"params/w": 0.25, "params/b": 0.0}
+    assert run_ckpt(["inspect", directory, "--sparsity"]) == 0
+    assert "25.0%" in capsys.readouterr().out
+
+
 # -- diff ----------------------------------------------------------------------
 
 
