@@ -10,6 +10,7 @@ from lepton_jax.ops.cross_entropy import linear_cross_entropy
 from lepton_jax.ops.activations import get_activation
 from lepton_jax.ops.losses import (
     binary_cross_entropy,
+    distillation_loss,
     mae,
     mse,
     softmax_cross_entropy,
@@ -30,7 +31,7 @@ from lepton_jax.ops.regularization import l1_penalty, l2_penalty, weight_mask
 
 __all__ = [
     "MeanMetric", "accuracy", "activations", "attention", "attention_ops", "attention_reference", "binary_cross_entropy", "classification_counts",
-    "classification_report", "compute_classification_metrics", "confusion_matrix", "get_activation",
+    "classification_report", "compute_classification_metrics", "confusion_matrix", "distillation_loss", "get_activation",
     "l1_penalty", "l2_penalty", "layer_norm", "linear_cross_entropy", "losses", "mae", "merge_counts", "metrics", "mse",
     "normalization", "regularization", "rms_norm", "softmax_cross_entropy",
     "softmax_cross_entropy_with_probs", "top_k_accuracy", "weight_mask",

@@ -116,3 +116,32 @@ def binary_cross_entropy(
         p = jnp.clip(x, eps, 1.0 - eps)
         per_element = -(t * jnp.log(p) + (1.0 - t) * jnp.log1p(-p))
     return _checks.reduce("binary_cross_entropy", per_element, reduction)
+
+
+def distillation_loss(
+    student_logits: jax.Array, teacher_logits: jax.Array, *, temperature: float = 2.0, reduction: str = "mean"
+) -> jax.Array:
+    """Knowledge distillation (Hinton et al. 2015): ``T**2 * KL(softmax(teacher / T)
+    || softmax(student / T))`` over the last axis, in fp32.
+
+    ``student_logits`` and ``teacher_logits`` are ``[..., C]`` floats of the same
+    shape; gradients reach the student only (the teacher is a constant). The
+    ``T**2`` keeps the gradient scale independent of the temperature.
+    ``reduction``: "mean", "sum" or "none" (``[...]``).
+
+    >>> import jax.numpy as jnp
+    >>> logits = jnp.array([[1.0, 2.0, 0.5]])
+    >>> float(distillation_loss(logits, logits))
+    0.0
+    """
+    where = "distillation_loss"
+    _checks.check_floating(where, "student_logits", student_logits)
+    _checks.check_floating(where, "teacher_logits", teacher_logits)
+    _checks.check_same_shape(where, "student_logits", student_logits, "teacher_logits", teacher_logits)
+    if not temperature > 0:
+        raise ValueError(f"{where}: temperature must be > 0, got {temperature}")
+    teacher = jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature
+    student = student_logits.astype(jnp.float32) / temperature
+    log_p_teacher = jax.nn.log_softmax(teacher, axis=-1)
+    kl = jnp.sum(jnp.exp(log_p_teacher) * (log_p_teacher - jax.nn.log_softmax(student, axis=-1)), axis=-1)
+    return _checks.reduce(where, kl * temperature**2, reduction)
