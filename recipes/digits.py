@@ -2,6 +2,7 @@
 
     python -m recipes.digits --model cnn            # or mlp, lstm
     python -m recipes.digits --model mlp --epochs=40 --out runs/mlp --resume
+    python -m recipes.digits --model mlp --hidden=32 --teacher runs/digits   # distil a CNN into a small MLP
 
 Writes under ``--out``: ``metrics.jsonl``, TensorBoard events, ``curves.png``,
 ``checkpoints/``, ``report.txt`` (per-class precision/recall/F1 on the test
@@ -22,7 +23,7 @@ import numpy as np
 
 import lepton_jax
 from lepton_jax import config as config_lib
-from lepton_jax import data, models, ops, optim, train
+from lepton_jax import checkpoint, data, models, ops, optim, train
 
 MODELS = ("mlp", "cnn", "lstm")
 
@@ -42,6 +43,10 @@ class DigitsConfig:
     resume: bool = False
     progress: bool = True
     eval_every_epochs: int = 5
+    hidden: str = ""  # MLP hidden sizes, e.g. "64,32"; empty: the model's default
+    teacher: str = ""  # a checkpoint directory of this recipe to distil from
+    distill_alpha: float = 0.5  # weight of the label loss; the rest is the distillation loss
+    distill_temperature: float = 2.0
 
 
 # Per-model defaults, tuned for >= 97% (CNN >= 98%) test accuracy in well under
@@ -57,6 +62,9 @@ def resolve(config: DigitsConfig) -> DigitsConfig:
     """Fills the per-model defaults the user left unset."""
     if config.model not in MODELS:
         raise ValueError(f"digits: --model must be one of {MODELS}, got {config.model!r}")
+    if not 0.0 <= config.distill_alpha <= 1.0 or config.distill_temperature <= 0:
+        raise ValueError(f"digits: need 0 <= --distill_alpha <= 1 and --distill_temperature > 0, got "
+                         f"{config.distill_alpha}, {config.distill_temperature}")
     defaults = _DEFAULTS[config.model]
     return dataclasses.replace(
         config,
@@ -66,8 +74,31 @@ def resolve(config: DigitsConfig) -> DigitsConfig:
     )
 
 
-def build_model(name: str):
+def build_model(name: str, hidden: str = ""):
+    if hidden:
+        if name != "mlp":
+            raise ValueError(f"digits: --hidden sets the MLP's layer sizes; --model is {name!r}")
+        try:
+            sizes = tuple(int(h) for h in hidden.split(","))
+        except ValueError:
+            raise ValueError(f"digits: --hidden takes comma-separated ints like 64,32, got {hidden!r}") from None
+        return models.MLPClassifier(hidden=sizes)
     return {"mlp": models.MLPClassifier, "cnn": models.CNN, "lstm": models.LSTMClassifier}[name]()
+
+
+def load_teacher(directory: str, seed: int):
+    """``images -> logits`` of a model this recipe trained (its latest checkpoint)."""
+    ckpt_dir = os.path.join(directory, "checkpoints") if os.path.isdir(os.path.join(directory, "checkpoints")) \
+        else directory
+    with checkpoint.CheckpointManager(ckpt_dir, async_save=False) as manager:
+        teacher_config = manager.extra()["config"]
+    if int(teacher_config["seed"]) != seed:
+        raise ValueError(f"digits: the teacher in {directory} was trained on the split of seed {teacher_config['seed']}; "
+                         f"with --seed={seed} it would have seen this run's test images")
+    model = build_model(teacher_config["model"], teacher_config.get("hidden", ""))
+    state = checkpoint.restore(ckpt_dir)
+    variables = {"params": state["params"], **dict(state.get("model_state") or {})}
+    return lambda images: model.apply(variables, images, train=False)
 
 
 def load_splits(seed: int) -> tuple[dict, dict, dict, data.Normalizer]:
@@ -89,7 +120,7 @@ def run(config: DigitsConfig) -> dict:
     batches = data.BatchIterator(train_split, config.batch_size, shuffle=True, seed=config.seed)
     total_steps = config.epochs * batches.steps_per_epoch
 
-    model = build_model(config.model)
+    model = build_model(config.model, config.hidden)
     schedule = optim.ScheduleConfig(
         name="cosine", peak_lr=config.learning_rate, warmup_steps=min(config.warmup_steps, total_steps // 5),
         total_steps=total_steps,
@@ -99,11 +130,21 @@ def run(config: DigitsConfig) -> dict:
     ))
     state = train.create_train_state(model, tx, train_split["image"][:1], seed=config.seed)
     loss_fn = train.classification_loss(label_smoothing=config.label_smoothing)
+    train_loss = loss_fn
+    if config.teacher:
+        teacher = load_teacher(config.teacher, config.seed)
+        alpha, temperature = config.distill_alpha, config.distill_temperature
+
+        def train_loss(logits, batch):  # the teacher sees the same (unaugmented) images the batch holds
+            label_loss, aux = loss_fn(logits, batch)
+            distill = ops.distillation_loss(logits, teacher(batch["image"]), temperature=temperature)
+            return alpha * label_loss + (1 - alpha) * distill, {**aux, "distill": distill}
+
     augment = None
     if config.max_shift > 0:
         shift = config.max_shift
         augment = lambda key, images: data.random_translate(key, images, max_shift=shift)  # noqa: E731
-    train_step = train.make_train_step(model, tx, loss_fn, augment_fn=augment)
+    train_step = train.make_train_step(model, tx, train_loss, augment_fn=augment)
     eval_step = train.make_eval_step(model, loss_fn, num_classes=10)
 
     print(f"lepton_jax {lepton_jax.__version__} | jax {jax.__version__} on {jax.devices()[0].platform} | "

@@ -127,7 +127,7 @@ def _quantized(recipe: str, mode: str, model, variables, example, calibration) -
 def _digits(manager, step: int, extra: Mapping[str, Any], ckpt_dir: str) -> Built:
     digits = _import_recipe("digits")
     config = _recipe_config(extra, "digits", ckpt_dir)
-    model = digits.build_model(config.get("model", "cnn"))
+    model = digits.build_model(config.get("model", "cnn"), config.get("hidden", ""))
     # The full state: the CNN's BatchNorm statistics live in model_state.
     state = manager.restore(step)
     variables = {"params": state["params"], **dict(state.get("model_state") or {})}
