@@ -71,7 +71,8 @@ def make_train_step(
       input_key: the batch entry fed to the model.
       regularizer: optional ``params -> scalar`` added to the loss (e.g.
         ``lambda p: 1e-4 * ops.l2_penalty(p)``); reported as ``"penalty"``.
-      augment_fn: optional ``(key, inputs) -> inputs`` applied before the model.
+      augment_fn: optional ``(key, inputs) -> inputs`` applied before the model;
+        ``loss_fn`` receives the batch with the augmented inputs.
       axis_name: inside ``shard_map``/``pmap`` over this data axis, gradients
         and metrics are averaged across it (``lax.pmean``).
       jit: wrap the step in ``jax.jit``.
@@ -94,6 +95,8 @@ def make_train_step(
         augment_key, dropout_key = jax.random.split(step_key)
         if augment_fn is not None:
             inputs = augment_fn(augment_key, inputs)
+            if isinstance(batch, Mapping):  # the loss sees the inputs the model saw (e.g. a teacher)
+                batch = {**batch, input_key: inputs}
         mutable = list(state.model_state.keys())
 
         def objective(params):

@@ -102,6 +102,30 @@ def test_custom_layer_and_custom_loss_plug_into_the_same_step():
     assert float(jnp.abs(state.params["Gated_0"]["gate"]).max()) > 0
 
 
+def test_loss_sees_the_augmented_inputs_the_model_saw():
+    """A loss that reads the inputs (a distillation teacher) gets the augmented ones."""
+
+    class Linear(linen.Module):
+        @linen.compact
+        def __call__(self, x, *, train=False):
+            return nn.Dense(3)(x)
+
+    model = Linear()
+    batch = _tiny_data(8)
+    tx = optax.sgd(0.1)
+    state = train.create_train_state(model, tx, batch["image"].reshape(8, -1), seed=0)
+    flat = {"image": batch["image"].reshape(8, -1), "label": batch["label"]}
+
+    def loss_fn(outputs, b):  # the outputs must be the model of b["image"]
+        expected = model.apply({"params": state.params}, b["image"])
+        return jnp.mean(outputs), {"gap": jnp.abs(outputs - expected).max(), "seen": b["image"].sum()}
+
+    step = train.make_train_step(model, tx, loss_fn, augment_fn=lambda key, x: 2.0 * x + 1.0)
+    _, metrics = step(state, flat)
+    assert float(metrics["gap"]) < 1e-5
+    np.testing.assert_allclose(float(metrics["seen"]), float((2.0 * flat["image"] + 1.0).sum()), rtol=1e-5)
+
+
 def test_same_seed_gives_bitwise_identical_params():
     batch_data = _tiny_data()
 
