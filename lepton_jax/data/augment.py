@@ -86,3 +86,25 @@ def augment_images(
     if flip:
         out = random_flip(key_flip, out)
     return out
+
+
+def mix_inputs(key: jax.Array, inputs_BxD: jax.Array, alpha: float = 1.0) -> jax.Array:
+    """Blends each example with another of the batch: ``lam * x[i] + (1 - lam) * x[perm[i]]``.
+
+    ``lam ~ Beta(alpha, alpha)`` per example and ``perm`` is a random
+    permutation; ``inputs`` is ``[B, ...]`` of any rank. Labels are not mixed:
+    this makes unlabelled inputs for a teacher to label in distillation
+    (mixup's images without its label arithmetic). Returns ``[B, ...]`` in the
+    inputs' dtype.
+    """
+    if jnp.ndim(inputs_BxD) < 1 or not jnp.issubdtype(jnp.result_type(inputs_BxD), jnp.floating):
+        raise ValueError(f"mix_inputs: inputs must be a floating array [batch, ...], got shape {jnp.shape(inputs_BxD)} "
+                         f"dtype {jnp.result_type(inputs_BxD)}")
+    if not alpha > 0:
+        raise ValueError(f"mix_inputs: alpha must be > 0, got {alpha!r}")
+    B = inputs_BxD.shape[0]
+    key_lam, key_perm = jax.random.split(key)
+    lam_B = jax.random.beta(key_lam, alpha, alpha, (B,)).astype(inputs_BxD.dtype)
+    lam = lam_B.reshape((B,) + (1,) * (inputs_BxD.ndim - 1))
+    partner = inputs_BxD[jax.random.permutation(key_perm, B)]
+    return lam * inputs_BxD + (1 - lam) * partner

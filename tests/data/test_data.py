@@ -141,6 +141,21 @@ def test_crop_is_a_shifted_window_and_keys_differ():
         data.random_crop(jax.random.PRNGKey(0), jnp.ones((4, 4)), 1)
 
 
+def test_mix_inputs_blends_each_example_with_a_partner():
+    images = np.random.default_rng(0).normal(size=(12, 3, 3, 1)).astype(np.float32)
+    key = jax.random.PRNGKey(5)
+    out = np.asarray(jax.jit(lambda k, x: data.mix_inputs(k, x, 0.4))(key, images))
+    key_lam, key_perm = jax.random.split(key)
+    lam = np.asarray(jax.random.beta(key_lam, 0.4, 0.4, (12,)), np.float32)[:, None, None, None]
+    perm = np.asarray(jax.random.permutation(key_perm, 12))
+    np.testing.assert_allclose(out, lam * images + (1 - lam) * images[perm], rtol=1e-6, atol=1e-6)
+    assert sorted(perm.tolist()) == list(range(12)) and len(np.unique(lam.round(4))) > 1
+    with pytest.raises(ValueError, match=r"mix_inputs: inputs must be a floating array .* got shape \(4,\) dtype int32"):
+        data.mix_inputs(key, jnp.arange(4), 1.0)
+    with pytest.raises(ValueError, match="mix_inputs: alpha must be > 0, got 0"):
+        data.mix_inputs(key, images, 0)
+
+
 def test_digits_is_real_and_well_formed():
     d = data.load_digits()
     assert d["image"].shape == (1797, 8, 8, 1) and d["image"].dtype == np.float32
