@@ -2,7 +2,14 @@
 
     python -m recipes.digits --model cnn            # or mlp, lstm
     python -m recipes.digits --model mlp --epochs=40 --out runs/mlp --resume
-    python -m recipes.digits --model mlp --hidden=32 --teacher runs/digits   # distil a CNN into a small MLP
+    python -m recipes.digits --model mlp --hidden=16 --epochs=600 --teacher runs/digits   # distil a CNN into a small MLP
+
+Distillation (``--teacher``) matches the teacher's function on the student's
+inputs and on blends of them (``--distill_mixup``, the Beta parameter; 0 turns
+blends off), with a long schedule. ``python -m benchmarks.distill`` (5 seeds,
+a CNN teacher trained with ``--label_smoothing=0``): a 16-unit MLP reaches
+97.6% mean test accuracy distilled against 97.2% trained alone; distilled on
+the plain images only it reaches 96.9%, so the blends are what helps.
 
 Writes under ``--out``: ``metrics.jsonl``, TensorBoard events, ``curves.png``,
 ``checkpoints/``, ``report.txt`` (per-class precision/recall/F1 on the test
@@ -19,6 +26,7 @@ import time
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import lepton_jax
@@ -47,6 +55,7 @@ class DigitsConfig:
     teacher: str = ""  # a checkpoint directory of this recipe to distil from
     distill_alpha: float = 0.5  # weight of the label loss; the rest is the distillation loss
     distill_temperature: float = 2.0
+    distill_mixup: float = 1.0  # with --teacher: it also labels blends of batch images (Beta(a, a)); 0: off
 
 
 # Per-model defaults, tuned for >= 97% (CNN >= 98%) test accuracy in well under
@@ -62,9 +71,9 @@ def resolve(config: DigitsConfig) -> DigitsConfig:
     """Fills the per-model defaults the user left unset."""
     if config.model not in MODELS:
         raise ValueError(f"digits: --model must be one of {MODELS}, got {config.model!r}")
-    if not 0.0 <= config.distill_alpha <= 1.0 or config.distill_temperature <= 0:
-        raise ValueError(f"digits: need 0 <= --distill_alpha <= 1 and --distill_temperature > 0, got "
-                         f"{config.distill_alpha}, {config.distill_temperature}")
+    if not 0.0 <= config.distill_alpha <= 1.0 or config.distill_temperature <= 0 or config.distill_mixup < 0:
+        raise ValueError(f"digits: need 0 <= --distill_alpha <= 1, --distill_temperature > 0 and --distill_mixup >= 0, "
+                         f"got {config.distill_alpha}, {config.distill_temperature}, {config.distill_mixup}")
     defaults = _DEFAULTS[config.model]
     return dataclasses.replace(
         config,
@@ -131,19 +140,28 @@ def run(config: DigitsConfig) -> dict:
     state = train.create_train_state(model, tx, train_split["image"][:1], seed=config.seed)
     loss_fn = train.classification_loss(label_smoothing=config.label_smoothing)
     train_loss = loss_fn
-    if config.teacher:
-        teacher = load_teacher(config.teacher, config.seed)
-        alpha, temperature = config.distill_alpha, config.distill_temperature
-
-        def train_loss(logits, batch):  # the teacher sees the same (unaugmented) images the batch holds
-            label_loss, aux = loss_fn(logits, batch)
-            distill = ops.distillation_loss(logits, teacher(batch["image"]), temperature=temperature)
-            return alpha * label_loss + (1 - alpha) * distill, {**aux, "distill": distill}
-
     augment = None
     if config.max_shift > 0:
         shift = config.max_shift
         augment = lambda key, images: data.random_translate(key, images, max_shift=shift)  # noqa: E731
+    if config.teacher:
+        teacher = load_teacher(config.teacher, config.seed)
+        alpha, temperature, mixup = config.distill_alpha, config.distill_temperature, config.distill_mixup
+
+        def train_loss(logits, batch):  # the teacher labels the same (augmented) images the student sees
+            label_loss, aux = loss_fn(logits[:len(batch["label"])], batch)
+            distill = ops.distillation_loss(logits, teacher(batch["image"]), temperature=temperature)
+            return alpha * label_loss + (1 - alpha) * distill, {**aux, "distill": distill}
+
+        if mixup:
+            # The batch's images, then as many blends of them that only the teacher labels.
+            base = augment or (lambda key, images: images)
+
+            def augment(key, images):
+                key_base, key_mix = jax.random.split(key)
+                images = base(key_base, images)
+                return jnp.concatenate([images, data.mix_inputs(key_mix, images, mixup)])
+
     train_step = train.make_train_step(model, tx, train_loss, augment_fn=augment)
     eval_step = train.make_eval_step(model, loss_fn, num_classes=10)
 

@@ -1,4 +1,5 @@
-"""The digits recipe distils a trained CNN into a small MLP (--teacher)."""
+"""The digits recipe distils a trained CNN into a small MLP (--teacher), the
+teacher labelling the batch and blends of it (--distill_mixup)."""
 
 from __future__ import annotations
 
@@ -25,5 +26,7 @@ def test_student_learns_from_a_teacher_checkpoint(tmp_path):
         digits.main(["--model=mlp", "--seed=1", f"--teacher={teacher}", f"--out={tmp_path / 'x'}", "--progress=false"])
     with pytest.raises(ValueError, match="--distill_alpha <= 1"):
         digits.main(["--model=mlp", "--distill_alpha=2", f"--out={tmp_path / 'y'}", "--progress=false"])
+    with pytest.raises(ValueError, match="--distill_mixup >= 0, got 0.5, 2.0, -1.0"):
+        digits.main(["--model=mlp", "--distill_mixup=-1", f"--out={tmp_path / 'w'}", "--progress=false"])
     with pytest.raises(ValueError, match="--hidden sets the MLP's layer sizes"):
         digits.main(["--model=cnn", "--hidden=32", f"--out={tmp_path / 'z'}", "--progress=false"])
