@@ -60,16 +60,22 @@ def export_recipe(recipe: str, ckpt_dir: str | os.PathLike, out_dir: str | os.Pa
         build = {"digits": _digits, "gpt": _gpt}[recipe]
         apply_fn, variables, example, names, preprocessing, config, model, calibration = build(
             manager, step, extra, ckpt_dir)
+    quantized = None
     if quantize is not None:
-        apply_fn, variables = _quantized(recipe, quantize, model, variables, example, calibration)
+        quantized = _quantized(recipe, quantize, model, variables, example, calibration)
+        apply_fn, variables = quantized.export_parts()
     metadata = {"recipe": recipe, "source": {"checkpoint_dir": ckpt_dir, "step": step},
                 "metrics": metrics, "config": config, "quantization": quantize}
     path = export_model(out_dir, apply_fn, variables, example, input_names=names[0], output_names=names[1],
                         platforms=platforms, preprocessing=preprocessing, metadata=metadata)
-    if recipe == "gpt" and quantize is None:  # a KV-cache decode step for :generate (float weights)
+    if recipe == "gpt":  # a KV-cache decode step for :generate
         from lepton_jax.export.generation import export_decoder
 
-        export_decoder(path, model, variables, platforms=platforms, tokenizer="bytes")
+        if quantized is None:
+            export_decoder(path, model, variables, platforms=platforms, tokenizer="bytes")
+        else:  # the same int8 weights and static scales, stored flat in params.npz
+            export_decoder(path, quantized.model, variables, platforms=platforms,
+                           tokenizer="bytes", rebuild=quantized.flat_variables()[1])
     return path
 
 
@@ -110,18 +116,23 @@ Built = tuple[Callable[..., Any], Any, np.ndarray, tuple[tuple[str, ...], tuple[
               Callable[[], list[np.ndarray]]]
 
 
-def _quantized(recipe: str, mode: str, model, variables, example, calibration) -> tuple[Callable[..., Any], Any]:
+GPT_QUANTIZED_MODULES = r"block_\d+/(attention|mlp)"
+
+
+def _quantized(recipe: str, mode: str, model, variables, example, calibration):
     from lepton_jax import quant
 
     if mode not in quant.MODES:
         raise ValueError(f"export_recipe: quantize must be one of {quant.MODES}, got {mode!r}")
-    if recipe == "gpt" and mode == "int8":
-        raise ValueError("export_recipe: the GPT supports quantize='int8_weight' only (qwix 0.1.8 cannot give "
-                         "static scales to the activation x activation products inside attention)")
-    # The GPT's blocks only: its tied embedding also feeds a gather, which qwix cannot take quantized.
-    quantized = quant.quantize(model, variables, example, mode=mode, module_path="block_.*" if recipe == "gpt" else ".*",
-                               calibration=calibration() if mode == "int8" else None)
-    return quantized.export_parts()
+    options: dict[str, Any] = {}
+    if recipe == "gpt":
+        # The blocks' projections and MLPs: the tied embedding also feeds a
+        # gather, which qwix cannot take quantized, and the products of two
+        # activations inside attention (module ``attention/core``) stay in float.
+        # One static scale per activation, shared over batch and positions.
+        options = dict(module_path=GPT_QUANTIZED_MODULES, act_batch_axes=(0, 1))
+    return quant.quantize(model, variables, example, mode=mode,
+                          calibration=calibration() if mode == "int8" else None, **options)
 
 
 def _digits(manager, step: int, extra: Mapping[str, Any], ckpt_dir: str) -> Built:
@@ -163,4 +174,12 @@ def _gpt(manager, step: int, extra: Mapping[str, Any], ckpt_dir: str) -> Built:
         return model.apply(variables, tokens_BxS, train=False)
 
     example = np.zeros((1, run.seq_len), np.int32)
-    return gpt_logits, {"params": params}, example, (("tokens",), ("logits",)), None, config, model, list
+
+    def calibration() -> list[np.ndarray]:  # training-split windows of the recipe's corpus
+        from lepton_jax import data
+
+        tokens = data.load_bytes(run.data.split(",") if run.data else None, max_bytes=run.max_bytes)
+        windows = data.eval_windows(data.split_tokens(tokens, 0.05)[0], run.seq_len, 32)["inputs"]
+        return [windows[i:i + 8] for i in range(0, len(windows), 8)]
+
+    return gpt_logits, {"params": params}, example, (("tokens",), ("logits",)), None, config, model, calibration

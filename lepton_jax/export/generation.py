@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,8 @@ DECODER_FILE = "decode.jaxexport"
 
 
 def export_decoder(version_dir: str | os.PathLike, model: Any, variables: Any, *,
-                   platforms: Sequence[str] = ("cpu", "cuda", "tpu"), tokenizer: str = "bytes") -> str:
+                   platforms: Sequence[str] = ("cpu", "cuda", "tpu"), tokenizer: str = "bytes",
+                   rebuild: Callable[[Any], Any] | None = None) -> str:
     """Adds a decode step to an exported version of a ``models.GPT``.
 
     ``variables`` must be the same params tree the version was exported with
@@ -32,7 +33,9 @@ def export_decoder(version_dir: str | os.PathLike, model: Any, variables: Any, *
     is ``(variables, token int32[b, 1], *cache) -> (logits float32[b, vocab],
     *cache)``; the cache leaves (keys/values ``[b, max_len, kv_heads,
     head_dim]`` per layer and the position) are listed in ``signature.json``
-    under ``"generation"``. Returns the decoder file's path.
+    under ``"generation"``. ``rebuild`` turns the stored variables into the
+    tree ``model.apply`` takes, for a quantized model whose export stores them
+    flat (``QuantizedModel.flat_variables``). Returns the decoder file's path.
     """
     version_dir = os.fspath(version_dir)
     with open(os.path.join(version_dir, loader.SIGNATURE_FILE), encoding="utf-8") as f:
@@ -44,6 +47,7 @@ def export_decoder(version_dir: str | os.PathLike, model: Any, variables: Any, *
 
     def decode_step(variables, token_Bx1, *cache_leaves):
         state = jax.tree_util.tree_unflatten(treedef, cache_leaves)
+        variables = rebuild(variables) if rebuild is not None else variables
         logits, updates = model.apply({**variables, "cache": state}, token_Bx1, decode=True, mutable=["cache"])
         return (logits[:, -1].astype(jnp.float32), *jax.tree.leaves(updates["cache"]))
 

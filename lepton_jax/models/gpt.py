@@ -91,6 +91,16 @@ class _Norm(linen.Module):
         return nn.LayerNorm(implementation=self.config.norm_implementation)(x)
 
 
+class _AttentionCore(linen.Module):
+    """``ops.attention`` as a child module without parameters (``.../attention/core``):
+    quantizers that select modules by path (qwix) can take the projections and
+    leave the products of two activations in float."""
+
+    @linen.compact
+    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, **kwargs: Any) -> jax.Array:
+        return ops.attention(q, k, v, **kwargs)
+
+
 class Attention(linen.Module):
     """Causal self-attention; with ``decode`` one new token attends to a KV
     cache (``"cache"`` collection) of up to ``max_len`` positions."""
@@ -115,8 +125,8 @@ class Attention(linen.Module):
         if decode:
             out_BxSxHxD = self._attend_cache(q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, positions_S)
         else:
-            out_BxSxHxD = ops.attention(q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, causal=True,
-                                        implementation=c.attention_implementation)
+            out_BxSxHxD = _AttentionCore(name="core")(q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, causal=True,
+                                                      implementation=c.attention_implementation)
         return jnp.einsum("bshd,hde->bse", out_BxSxHxD, cast(w_o_HxDxE, c.dtype))
 
     def _attend_cache(self, q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, positions_S):
@@ -134,8 +144,8 @@ class Attention(linen.Module):
         # Keys written so far share segment 0 with the query; the rest are masked.
         kv_ids_BxT = jnp.broadcast_to((jnp.arange(c.max_len) > positions_S[-1]).astype(jnp.int32), (B, c.max_len))
         q_ids_BxS = jnp.zeros((B, S), jnp.int32)
-        return ops.attention(q_BxSxHxD, cached_k.value, cached_v.value, segment_ids=(q_ids_BxS, kv_ids_BxT),
-                             implementation="xla")
+        return _AttentionCore(name="core")(q_BxSxHxD, cached_k.value, cached_v.value,
+                                           segment_ids=(q_ids_BxS, kv_ids_BxT), implementation="xla")
 
 
 class MLPBlock(linen.Module):

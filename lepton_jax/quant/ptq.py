@@ -18,7 +18,7 @@ are stored as int8 plus scales, about 4x smaller than float32).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import jax
 from flax import linen
@@ -44,24 +44,34 @@ class QuantizedModel(NamedTuple):
         flat ``{path: array}`` dict (int8 values and float scales), rebuilt
         into qwix's structure inside the exported function, so loading the
         export needs neither qwix nor flax."""
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(self.variables)
-        paths = [path_str(p) for p, _ in leaves]
-        flat = {path: leaf for path, (_, leaf) in zip(paths, leaves)}
+        flat, rebuild = self.flat_variables()
         model, kwargs = self.model, self.apply_kwargs
 
         def apply_fn(flat_params, *inputs):
-            variables = jax.tree_util.tree_unflatten(treedef, [flat_params[p] for p in paths])
-            return model.apply(variables, *inputs, **kwargs)
+            return model.apply(rebuild(flat_params), *inputs, **kwargs)
 
         return apply_fn, flat
 
+    def flat_variables(self) -> tuple[dict[str, jax.Array], Callable[[dict[str, Any]], Any]]:
+        """``(flat, rebuild)``: the variables as a flat ``{path: array}`` dict,
+        and the function that turns such a dict back into the tree
+        ``self.model.apply`` takes."""
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(self.variables)
+        paths = [path_str(p) for p, _ in leaves]
 
-def _rules(mode: str, module_path: str) -> list:
+        def rebuild(flat: dict[str, Any]) -> Any:
+            return jax.tree_util.tree_unflatten(treedef, [flat[p] for p in paths])
+
+        return {path: leaf for path, (_, leaf) in zip(paths, leaves)}, rebuild
+
+
+def _rules(mode: str, module_path: str, act_batch_axes: Sequence[int] = (0,)) -> list:
     import qwix
 
     if mode == "int8":
         return [qwix.QuantizationRule(module_path=module_path, weight_qtype="int8", act_qtype="int8",
-                                      act_static_scale=True, act_calibration_method="absmax")]
+                                      act_static_scale=True, act_calibration_method="absmax",
+                                      act_batch_axes=tuple(act_batch_axes))]
     return [qwix.QuantizationRule(module_path=module_path, op_names=("conv_general_dilated",), weight_qtype="int8",
                                   act_qtype="int8"),
             qwix.QuantizationRule(module_path=module_path, weight_qtype="int8")]
@@ -85,7 +95,7 @@ def qat(model: linen.Module, *, mode: str = "int8", module_path: str = ".*") -> 
 
 def quantize(model: linen.Module, variables: dict[str, Any], example_inputs: jax.Array, *, mode: str = "int8",
              calibration: Iterable[jax.Array] | None = None, module_path: str = ".*",
-             apply_kwargs: dict[str, Any] | None = None) -> QuantizedModel:
+             act_batch_axes: Sequence[int] = (0,), apply_kwargs: dict[str, Any] | None = None) -> QuantizedModel:
     """Quantizes ``model`` with trained ``variables`` (``{"params": ..., ...}``).
 
     Args:
@@ -94,7 +104,11 @@ def quantize(model: linen.Module, variables: dict[str, Any], example_inputs: jax
         ``"int8_weight"``.
       calibration: a few input batches (e.g. training data) whose activation
         ranges set the static scales.
-      module_path: a regex of the module paths to quantize (default: all).
+      module_path: a regex of the module paths to quantize (default: all),
+        matched against the whole path (``re.fullmatch``).
+      act_batch_axes: with ``"int8"``, the activation axes whose size may
+        change between calls; one static scale is shared along them (for
+        ``[batch, seq, ...]`` activations of a language model: ``(0, 1)``).
       apply_kwargs: extra ``model.apply`` arguments (default ``{"train": False}``).
     """
     import qwix
@@ -103,10 +117,10 @@ def quantize(model: linen.Module, variables: dict[str, Any], example_inputs: jax
         raise ValueError(f"quantize: mode must be one of {MODES}, got {mode!r}")
     kwargs = {"train": False} if apply_kwargs is None else dict(apply_kwargs)
     variables = dict(linen.meta.unbox(variables))
-    rules = _rules(mode, module_path)
+    rules = _rules(mode, module_path, act_batch_axes)
     stats: Any = {}
     if mode == "int8":
-        batches = list(calibration or [])
+        batches = [] if calibration is None else list(calibration)
         if not batches:
             raise ValueError("quantize: mode='int8' sets activation scales from calibration batches; give some")
         calibrating = qwix.quantize_model(model, qwix.QtProvider(rules))

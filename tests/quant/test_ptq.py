@@ -13,6 +13,7 @@ import pytest
 
 from lepton_jax import checkpoint, data, models, quant
 from lepton_jax.export import export_recipe, load
+from lepton_jax.export.from_recipe import GPT_QUANTIZED_MODULES
 from recipes import digits, gpt
 
 
@@ -60,27 +61,57 @@ def test_quantized_export_is_smaller_and_matches(digits_run, tmp_path):
     assert load(small).metadata["quantization"] == "int8"
 
 
-def test_tiny_gpt_weight_only_keeps_its_loss(tmp_path):
-    out = str(tmp_path / "gpt")
-    flags = ["--config=tiny", "--batch_size=8", "--seq_len=64", "--max_bytes=200000", "--eval_every=40",
-             "--eval_windows=16", "--progress=false", "--steps=40", f"--out={out}"]
-    gpt.main(flags)
+@pytest.fixture(scope="module")
+def gpt_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("gpt") / "run")
+    gpt.main(["--config=tiny", "--batch_size=8", "--seq_len=64", "--max_bytes=200000", "--eval_every=40",
+              "--eval_windows=16", "--progress=false", "--steps=40", f"--out={out}"])
+    return out
+
+
+@pytest.mark.parametrize("mode", quant.MODES)
+def test_tiny_gpt_keeps_its_loss(gpt_run, mode):
     run, model, _ = gpt.build(gpt.RunConfig(config="tiny", seq_len=64, batch_size=8))
-    params = checkpoint.restore(out, params_only=True)
-    tokens = data.load_bytes(max_bytes=200000)
-    windows = data.eval_windows(data.split_tokens(tokens, 0.05)[1], 64, 16)
+    params = checkpoint.restore(gpt_run, params_only=True)
+    train_tokens, val_tokens = data.split_tokens(data.load_bytes(max_bytes=200000), 0.05)
+    windows = data.eval_windows(val_tokens, 64, 16)
 
     def loss(apply):
-        return float(models.lm_loss(apply(windows["inputs"]), windows))
+        return float(models.lm_loss(jax.jit(apply)(windows["inputs"]), windows))
 
     full = loss(lambda x: model.apply({"params": params}, x))
-    # The transformer blocks; the (tied) embedding stays in float.
-    quantized = quant.quantize(model, {"params": params}, windows["inputs"][:1], mode="int8_weight",
-                               module_path="block_.*")
+    calibration = data.eval_windows(train_tokens, 64, 16)["inputs"].reshape(2, 8, 64)
+    # The blocks' projections and MLPs; the (tied) embedding and the
+    # activation x activation products inside attention stay in float.
+    quantized = quant.quantize(model, {"params": params}, windows["inputs"][:1], mode=mode, calibration=calibration,
+                               module_path=GPT_QUANTIZED_MODULES, act_batch_axes=(0, 1), apply_kwargs={})
     assert sum(x.dtype == jnp.int8 for x in jax.tree.leaves(quantized.variables)) == 4 * 6  # q, k, v, out, in, out
     assert abs(loss(quantized.apply) / full - 1) <= 0.02, (full, loss(quantized.apply))
-    with pytest.raises(ValueError, match="supports quantize='int8_weight' only"):
-        export_recipe("gpt", out, tmp_path / "m", quantize="int8")
+    # One static scale per activation: other batch sizes and lengths work.
+    assert quantized.apply(windows["inputs"][:3, :17]).shape == (3, 17, 256)
+
+
+def test_tiny_gpt_int8_export_matches_the_quantized_model(gpt_run, tmp_path):
+    path = export_recipe("gpt", gpt_run, tmp_path / "m", platforms=("cpu",), quantize="int8")
+    loaded = load(path)
+    assert loaded.metadata["quantization"] == "int8"
+    tokens = data.eval_windows(data.split_tokens(data.load_bytes(max_bytes=200000), 0.05)[1], 64, 2)["inputs"]
+    run, model, _ = gpt.build(gpt.RunConfig(config="tiny", seq_len=64, batch_size=8))
+    float_logits = model.apply({"params": checkpoint.restore(gpt_run, params_only=True)}, tokens)
+    int8_logits = np.asarray(loaded(tokens))
+    assert int8_logits.shape == float_logits.shape
+    # Close to the float model (int8 rounding), and not identical to it.
+    np.testing.assert_allclose(int8_logits, float_logits, atol=0.5)
+    assert np.abs(int8_logits - float_logits).max() > 1e-4
+    # Its KV-cache decode step uses the same int8 weights and static scales:
+    # greedy generation equals greedy decoding with the exported whole model
+    # (causal: the logits at a position ignore the padding after it).
+    sequence = [int(t) for t in tokens[0, :5]]
+    for _ in range(6):
+        padded = np.zeros((1, 64), np.int32)
+        padded[0, :len(sequence)] = sequence
+        sequence.append(int(np.asarray(loaded(padded))[0, len(sequence) - 1].argmax()))
+    assert list(loaded.generator.stream(sequence[:5], 6, temperature=0.0)) == sequence[5:]
 
 
 def test_bad_arguments():
