@@ -69,8 +69,9 @@ def test_meshes_match_one_device(name, axes, rules):
         losses.append(float(metrics["loss"]))
     np.testing.assert_allclose(losses, expected, rtol=RTOL)
     for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(reference_state.params)):
-        # Adam divides by sqrt(nu): rounding in small gradients moves params by ~lr * 1e-3.
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=2e-5)
+        # Adam divides by sqrt(nu): rounding in small gradients (summed in another
+        # order on each mesh, and per CPU vector width) moves params by ~lr * 1e-3.
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=5e-5)
     # The state keeps the shardings the rules give it.
     for leaf, sharding in zip(jax.tree.leaves(state.params), jax.tree.leaves(shardings.params)):
         assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim)

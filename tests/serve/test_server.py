@@ -172,8 +172,11 @@ def test_graceful_shutdown_answers_requests_in_flight(tmp_path):
     threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
     for t in threads:
         t.start()
-    time.sleep(0.1)  # the requests are waiting for their batches to fill
-    server.stop()
+    deadline = time.monotonic() + 30
+    while server.server.server_state.total_requests < 6:  # all six have reached the server
+        assert time.monotonic() < deadline, "the requests did not reach the server"
+        time.sleep(0.01)
+    server.stop()  # the last ones are still waiting for their batch to fill (300 ms)
     for t in threads:
         t.join(timeout=30)
     assert len(results) == 6
