@@ -119,7 +119,7 @@ Built = tuple[Callable[..., Any], Any, np.ndarray, tuple[tuple[str, ...], tuple[
 GPT_QUANTIZED_MODULES = r"block_\d+/(attention|mlp)"
 
 
-def _quantized(recipe: str, mode: str, model, variables, example, calibration):
+def _quantized(recipe: str, mode: str, model, variables, example, calibration) -> Any:  # quant.QuantizedModel
     from lepton_jax import quant
 
     if mode not in quant.MODES:

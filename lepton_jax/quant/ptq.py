@@ -115,9 +115,13 @@ def quantize(model: linen.Module, variables: dict[str, Any], example_inputs: jax
 
     if mode not in MODES:
         raise ValueError(f"quantize: mode must be one of {MODES}, got {mode!r}")
+    axes = tuple(act_batch_axes)
+    if not axes or any(not isinstance(a, int) or a < 0 for a in axes) or len(set(axes)) != len(axes):
+        raise ValueError(f"quantize: act_batch_axes must be distinct non-negative ints such as (0,) or (0, 1), "
+                         f"got {act_batch_axes!r}")
     kwargs = {"train": False} if apply_kwargs is None else dict(apply_kwargs)
     variables = dict(linen.meta.unbox(variables))
-    rules = _rules(mode, module_path, act_batch_axes)
+    rules = _rules(mode, module_path, axes)
     stats: Any = {}
     if mode == "int8":
         batches = [] if calibration is None else list(calibration)

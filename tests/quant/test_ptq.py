@@ -122,6 +122,8 @@ def test_bad_arguments():
         quant.quantize(model, variables, x, mode="int4")
     with pytest.raises(ValueError, match="calibration batches"):
         quant.quantize(model, variables, x, mode="int8")
+    with pytest.raises(ValueError, match=r"act_batch_axes must be distinct non-negative ints .* got \(0, -1\)"):
+        quant.quantize(model, variables, x, mode="int8", calibration=[x], act_batch_axes=(0, -1))
 
 
 def test_quantization_aware_training_with_fit():
