@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-os.environ["XLA_FLAGS"] = ""
+os.environ.setdefault("XLA_FLAGS", "")  # one device, whatever the parent simulates
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

@@ -17,7 +17,6 @@ import numpy as np
 from lepton_jax import checkpoint
 
 WORKER = os.path.join(os.path.dirname(__file__), "fault_worker.py")
-ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 
 
 def _train_losses(out: str) -> list[float]:
@@ -36,14 +35,14 @@ def _wait_for(process: subprocess.Popen, prefix: str, timeout: float = 120) -> s
     raise AssertionError(f"worker never printed {prefix!r}; stderr: {process.stderr.read()[-3000:]}")
 
 
-def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
+def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path, subprocess_env):
     steps = 30
-    full = subprocess.run([sys.executable, WORKER, "train", str(tmp_path / "full"), str(steps)], env=ENV,
+    full = subprocess.run([sys.executable, WORKER, "train", str(tmp_path / "full"), str(steps)], env=subprocess_env,
                           capture_output=True, text=True, timeout=300)
     assert full.returncode == 0 and "DONE" in full.stdout, full.stderr[-3000:]
 
     out = str(tmp_path / "cut")
-    worker = subprocess.Popen([sys.executable, WORKER, "train", out, str(steps)], env=ENV, stdout=subprocess.PIPE,
+    worker = subprocess.Popen([sys.executable, WORKER, "train", out, str(steps)], env=subprocess_env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(worker, "STEP 9")
@@ -56,15 +55,15 @@ def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
     assert 9 <= stopped < steps
     with checkpoint.CheckpointManager(os.path.join(out, "checkpoints")) as manager:
         assert manager.all_steps() == [stopped]
-    resumed = subprocess.run([sys.executable, WORKER, "train", out, str(steps), "--resume"], env=ENV,
+    resumed = subprocess.run([sys.executable, WORKER, "train", out, str(steps), "--resume"], env=subprocess_env,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0 and "DONE" in resumed.stdout, resumed.stderr[-3000:]
     assert _train_losses(out) == _train_losses(str(tmp_path / "full"))  # bitwise: same keys, data and state
 
 
-def test_sigkill_during_save_keeps_the_last_complete_step(tmp_path):
+def test_sigkill_during_save_keeps_the_last_complete_step(tmp_path, subprocess_env):
     directory = str(tmp_path / "ckpt")
-    worker = subprocess.Popen([sys.executable, WORKER, "save", directory], env=ENV, stdout=subprocess.PIPE,
+    worker = subprocess.Popen([sys.executable, WORKER, "save", directory], env=subprocess_env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     reported = 0
     try:
@@ -84,9 +83,9 @@ def test_sigkill_during_save_keeps_the_last_complete_step(tmp_path):
         assert manager.latest_step() == step
 
 
-def test_process_exit_finishes_an_async_save(tmp_path):
+def test_process_exit_finishes_an_async_save(tmp_path, subprocess_env):
     directory = str(tmp_path / "ckpt")
-    out = subprocess.run([sys.executable, WORKER, "exit", directory], env=ENV, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, WORKER, "exit", directory], env=subprocess_env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "RETURNED" in out.stdout, out.stderr[-3000:]
     np.testing.assert_array_equal(np.asarray(checkpoint.restore(directory)["a"]), np.full((4096, 4096), 5.0))

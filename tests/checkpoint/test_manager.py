@@ -55,7 +55,7 @@ def test_keeps_the_last_n_and_honours_the_interval(tmp_path):
         assert not m.save(7, state, force=True)  # already there: nothing overwritten
 
 
-def test_restore_without_target_and_with_plain_orbax(tmp_path):
+def test_restore_without_target_and_with_plain_orbax(tmp_path, subprocess_env):
     state = _state()
     with checkpoint.CheckpointManager(tmp_path) as m:
         m.save(3, state, metrics={"loss": 0.25}, extra={"config": {"lr": 0.1}})
@@ -74,7 +74,7 @@ def test_restore_without_target_and_with_plain_orbax(tmp_path):
         print(restored["extra"]["config"]["lr"], restored["metrics"]["loss"])
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "XLA_FLAGS": ""})
+                         env=subprocess_env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["0.1", "0.25"]
     plain = np.load(tmp_path / "plain.npz")

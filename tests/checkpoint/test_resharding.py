@@ -95,7 +95,7 @@ def test_indivisible_restore_names_the_array(tmp_path):
         checkpoint.restore(tmp_path, mesh=mesh, rules="tensor")
 
 
-def test_restore_on_a_one_device_machine_without_arguments(tmp_path):
+def test_restore_on_a_one_device_machine_without_arguments(tmp_path, subprocess_env):
     saved = _saved(tmp_path)
     script = textwrap.dedent(f"""
         import jax, numpy as np
@@ -104,7 +104,7 @@ def test_restore_on_a_one_device_machine_without_arguments(tmp_path):
         tree = checkpoint.restore({str(tmp_path)!r})
         np.savez({str(tmp_path / "one.npz")!r}, *[np.asarray(x) for x in jax.tree.leaves(tree["params"])])
     """)
-    env = {**os.environ, "XLA_FLAGS": ""}
+    env = subprocess_env
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     one = np.load(tmp_path / "one.npz")

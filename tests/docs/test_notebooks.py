@@ -25,7 +25,7 @@ def test_notebook_runs(name, monkeypatch):
     # A shorter run of the training loops (the docs build runs them in full);
     # every cell still executes. The kernel starts from a clean device setup.
     monkeypatch.setenv("LEPTON_DOCS_FAST", "1")
-    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("XLA_FLAGS", os.environ["LEPTON_TEST_XLA_FLAGS"])
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     path = os.path.join(DOCS, "notebooks", name)
     notebook = jupytext.read(path)

@@ -27,9 +27,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one_and_share_a_checkpoint(tmp_path):
+def test_two_processes_train_like_one_and_share_a_checkpoint(tmp_path, subprocess_env):
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = subprocess_env
     ckpt = str(tmp_path / "ckpt")
     workers = [subprocess.Popen([sys.executable, WORKER, str(port), str(i), ckpt], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]

@@ -192,7 +192,7 @@ def test_bucket_sizes():
     assert bucket_sizes(48) == [1, 2, 4, 8, 16, 32, 48]
 
 
-def test_command_line_serves_and_stops_on_sigterm(tmp_path):
+def test_command_line_serves_and_stops_on_sigterm(tmp_path, subprocess_env):
     import os
     import signal
     import subprocess
@@ -200,7 +200,7 @@ def test_command_line_serves_and_stops_on_sigterm(tmp_path):
 
     model_dir, params, _, _ = _export_models(tmp_path)
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = subprocess_env
     process = subprocess.Popen([sys.executable, "-m", "lepton_jax.cli", "serve", model_dir, "--port", str(port),
                                 "--max-batch", "4"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
