@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import linen
 
 from lepton_jax._pytree import path_str
@@ -136,7 +137,11 @@ def quantize(model: linen.Module, variables: dict[str, Any], example_inputs: jax
                                            **kwargs)
             return updates["quant_stats"]
 
-        stats = calibrating.init(jax.random.PRNGKey(0), batches[0], **kwargs).get("quant_stats", {})
+        # The statistics start empty (qwix's moving average: zero count and
+        # sums); only their structure is needed, so the init is abstract
+        # rather than an eager run of every initializer and op.
+        shapes = jax.eval_shape(lambda: calibrating.init(jax.random.PRNGKey(0), batches[0], **kwargs))
+        stats = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), dict(shapes).get("quant_stats", {}))
         for batch in batches:
             stats = observe(stats, batch)
     quantized = qwix.quantize_model(model, qwix.PtqProvider(rules))
