@@ -15,13 +15,23 @@
   empty in a new temporary folder at every run and is removed at the end, so
   nothing carries over between runs.
 
+* Trained reference runs (the digits recipe's CNN, a short tiny-GPT run) are
+  made once per test run and shared by every test and xdist worker that reads
+  them (``digits_cnn_run``, ``tiny_gpt_run``); the first worker to ask trains,
+  the others wait for it. Tests that change a run work on a copy.
+
 ``LEPTON_TEST_XLA_CACHE=0`` turns the cache off; an ``XLA_FLAGS`` that already
 names ``--xla_backend_optimization_level`` keeps its own level.
 """
 
+import contextlib
+import fcntl
+import io
+import json
 import os
 import shutil
 import tempfile
+from typing import Callable, NamedTuple
 
 import pytest
 
@@ -33,19 +43,20 @@ if "LEPTON_TEST_XLA_FLAGS" not in os.environ:
         f"{own} {_COMPILE_FLAGS}".strip()
     os.environ["XLA_FLAGS"] = f"{os.environ['LEPTON_TEST_XLA_FLAGS']} --xla_force_host_platform_device_count=8"
 
-_CACHE_OWNER = False
-if os.environ.get("LEPTON_TEST_XLA_CACHE", "1") != "0" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    # The first process (pytest's controller) makes the folder; the xdist
-    # workers and every subprocess inherit it through the environment.
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="lepton-jax-test-xla-cache-")
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-    _CACHE_OWNER = True
+# The first process (pytest's controller, or the only one) makes the run's
+# folder; xdist workers and every subprocess inherit it through the environment.
+_RUN_DIR_OWNER = "LEPTON_TEST_RUN_DIR" not in os.environ
+if _RUN_DIR_OWNER:
+    os.environ["LEPTON_TEST_RUN_DIR"] = tempfile.mkdtemp(prefix="lepton-jax-tests-")
+    if os.environ.get("LEPTON_TEST_XLA_CACHE", "1") != "0" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["LEPTON_TEST_RUN_DIR"], "xla-cache")
+        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 
 def pytest_unconfigure(config):
-    if _CACHE_OWNER:
-        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+    if _RUN_DIR_OWNER:
+        shutil.rmtree(os.environ["LEPTON_TEST_RUN_DIR"], ignore_errors=True)
 
 
 @pytest.fixture
@@ -53,3 +64,65 @@ def subprocess_env() -> dict[str, str]:
     """The environment for a process a test starts: one CPU device (no
     simulated mesh), the suite's compile flags and its compilation cache."""
     return {**os.environ, "XLA_FLAGS": os.environ["LEPTON_TEST_XLA_FLAGS"]}
+
+
+class SharedRun(NamedTuple):
+    """A recipe run made once per test run: its output folder, the arguments
+    it ran with, what ``main`` returned and what it printed."""
+
+    out: str
+    argv: list[str]
+    result: dict
+    stdout: str
+
+    def copy_to(self, folder: str) -> str:
+        """A private copy of the run's folder, for a test that writes to it."""
+        shutil.copytree(self.out, folder)
+        return str(folder)
+
+
+def shared_run(name: str, main: Callable[[list[str]], dict], argv: list[str]) -> SharedRun:
+    """``main([*argv, --out=FOLDER])`` once per test run, whichever xdist
+    worker asks first; the others wait on a lock and read its outputs."""
+    root = os.path.join(os.environ["LEPTON_TEST_RUN_DIR"], "runs")
+    os.makedirs(root, exist_ok=True)
+    out, done = os.path.join(root, name), os.path.join(root, f"{name}.json")
+    with open(os.path.join(root, f"{name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(done):
+            shutil.rmtree(out, ignore_errors=True)  # a failed attempt's leftovers
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                result = main([*argv, f"--out={out}"])
+            with open(done, "w") as f:
+                json.dump({"result": result, "stdout": printed.getvalue()}, f)
+    with open(done) as f:
+        record = json.load(f)
+    return SharedRun(out, [*argv, f"--out={out}"], record["result"], record["stdout"])
+
+
+@pytest.fixture(scope="session")
+def digits_cnn_run() -> SharedRun:
+    """The digits recipe's CNN with its default settings (30 epochs)."""
+    from recipes import digits
+
+    return shared_run("digits_cnn", digits.main, ["--model=cnn", "--progress=false"])
+
+
+# A short tiny-GPT run: small batches and windows, an evaluation every 10 steps.
+GPT_SHORT = ["--config=tiny", "--batch_size=8", "--seq_len=64", "--max_bytes=300000", "--eval_every=10",
+             "--eval_windows=16", "--progress=false"]
+
+
+@pytest.fixture(scope="session")
+def gpt_short_flags() -> list[str]:
+    """The GPT recipe's flags for short test runs (``GPT_SHORT``)."""
+    return list(GPT_SHORT)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt_run() -> SharedRun:
+    """30 steps of the GPT recipe's tiny config on 8 simulated devices (``GPT_SHORT``)."""
+    from recipes import gpt
+
+    return shared_run("tiny_gpt", gpt.main, [*GPT_SHORT, "--steps=30"])

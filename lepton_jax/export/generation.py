@@ -19,6 +19,7 @@ import numpy as np
 from lepton_jax._pytree import path_str
 from lepton_jax.export import loader
 from lepton_jax.export.model_dir import _plain_dicts
+from lepton_jax.models import init_cache
 
 DECODER_FILE = "decode.jaxexport"
 
@@ -41,8 +42,7 @@ def export_decoder(version_dir: str | os.PathLike, model: Any, variables: Any, *
     with open(os.path.join(version_dir, loader.SIGNATURE_FILE), encoding="utf-8") as f:
         signature = json.load(f)
     variables = _plain_dicts(variables)
-    one = jnp.zeros((1, 1), jnp.int32)
-    cache = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), one, decode=True)["cache"])
+    cache = jax.eval_shape(lambda: init_cache(model, 1))
     leaves, treedef = jax.tree_util.tree_flatten_with_path(cache)
 
     def decode_step(variables, token_Bx1, *cache_leaves):

@@ -251,6 +251,16 @@ def lm_loss(outputs: jax.Array | LMHead, batch: Mapping[str, jax.Array], *,
     return ops.softmax_cross_entropy(outputs, targets_BxS, where=keep_BxS)
 
 
+def init_cache(model: GPT, batch_size: int) -> Any:
+    """An empty KV cache (the ``"cache"`` collection) for ``batch_size``
+    sequences: per layer keys and values ``[B, max_len, K, D]``, and the
+    position, all zeros. Built from the shapes alone (``jax.eval_shape``), so
+    no parameter is initialised on the way."""
+    one_BxS = jnp.zeros((batch_size, 1), jnp.int32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), one_BxS, decode=True)["cache"])
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
 def generate(model: GPT, params: Any, prompt: jax.Array, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int = 0, seed: int = 0) -> jax.Array:
     """Samples ``max_new_tokens`` after ``prompt`` ``[B, P]`` with a KV cache.
@@ -265,7 +275,7 @@ def generate(model: GPT, params: Any, prompt: jax.Array, max_new_tokens: int, *,
     if P < 1 or P + max_new_tokens > model.config.max_len:
         raise ValueError(f"generate: need 1 <= prompt length and prompt + new tokens <= max_len "
                          f"{model.config.max_len}, got {P} + {max_new_tokens}")
-    cache = model.init(jax.random.PRNGKey(0), prompt[:, :1], decode=True)["cache"]
+    cache = init_cache(model, B)
 
     @jax.jit
     def step(cache, token_Bx1):

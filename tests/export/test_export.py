@@ -19,16 +19,11 @@ from lepton_jax.export import export_model, export_recipe, list_versions, load
 from recipes import digits, gpt
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-GPT_FLAGS = ["--config=tiny", "--batch_size=8", "--seq_len=16", "--max_bytes=20000", "--eval_every=2",
-             "--eval_windows=4", "--progress=false", "--steps=2"]
 
 
 @pytest.fixture(scope="module")
-def digits_run(tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("digits_run"))
-    digits.main(["--model=cnn", "--epochs=1", "--batch_size=256", "--eval_every_epochs=1", "--progress=false",
-                 f"--out={out}"])
-    return out
+def digits_run(digits_cnn_run) -> str:
+    return digits_cnn_run.out  # the recipe's default CNN, trained once for the suite (read only here)
 
 
 @pytest.fixture(scope="module")
@@ -84,13 +79,12 @@ def test_digits_export_matches_model_at_two_batch_sizes(digits_run, digits_expor
     assert metadata["created"].endswith("+00:00")
 
 
-def test_gpt_export_matches_model_at_two_batch_sizes(tmp_path):
-    run_dir = str(tmp_path / "gpt_run")
-    gpt.main([*GPT_FLAGS, f"--out={run_dir}"])
+def test_gpt_export_matches_model_at_two_batch_sizes(tiny_gpt_run, tmp_path):
+    run_dir = tiny_gpt_run.out  # 30 steps with 64-byte windows, trained once for the suite
     path = export_recipe("gpt", run_dir, str(tmp_path / "gpt_model"))
     model = load(path)
-    assert model.signature["inputs"] == [{"name": "tokens", "dtype": "int32", "shape": ["b", 16]}]
-    assert model.signature["outputs"] == [{"name": "logits", "dtype": "float32", "shape": ["b", 16, 256]}]
+    assert model.signature["inputs"] == [{"name": "tokens", "dtype": "int32", "shape": ["b", 64]}]
+    assert model.signature["outputs"] == [{"name": "logits", "dtype": "float32", "shape": ["b", 64, 256]}]
 
     with checkpoint.CheckpointManager(os.path.join(run_dir, "checkpoints"), async_save=False) as manager:
         run_config = manager.extra()["run"]
@@ -99,7 +93,7 @@ def test_gpt_export_matches_model_at_two_batch_sizes(tmp_path):
     apply = jax.jit(reference.apply)
     rng = np.random.default_rng(0)
     for batch in (2, 5):
-        tokens = rng.integers(0, 256, (batch, 16), dtype=np.int32)
+        tokens = rng.integers(0, 256, (batch, 64), dtype=np.int32)
         expected = np.asarray(apply({"params": params}, tokens))
         np.testing.assert_allclose(model(tokens), expected, rtol=1e-5, atol=1e-5)
     # The export carries a KV-cache decode step: greedy generation matches the framework's.

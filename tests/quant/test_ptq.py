@@ -18,10 +18,8 @@ from recipes import digits, gpt
 
 
 @pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("digits") / "cnn")
-    digits.main(["--model=cnn", "--epochs=8", f"--out={out}", "--progress=false"])
-    return out
+def digits_run(digits_cnn_run):
+    return digits_cnn_run.out  # the recipe's default CNN, trained once for the suite (read only here)
 
 
 def _accuracy(apply, split) -> float:
@@ -62,18 +60,21 @@ def test_quantized_export_is_smaller_and_matches(digits_run, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def gpt_run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("gpt") / "run")
-    gpt.main(["--config=tiny", "--batch_size=8", "--seq_len=64", "--max_bytes=200000", "--eval_every=40",
-              "--eval_windows=16", "--progress=false", "--steps=40", f"--out={out}"])
-    return out
+def gpt_run(tiny_gpt_run):
+    return tiny_gpt_run.out  # 30 tiny-GPT steps with 64-byte windows, trained once for the suite
+
+
+def _run_config(run_dir: str) -> gpt.RunConfig:
+    with checkpoint.CheckpointManager(os.path.join(run_dir, "checkpoints"), async_save=False) as manager:
+        return gpt.RunConfig(**manager.extra()["run"])
 
 
 @pytest.mark.parametrize("mode", quant.MODES)
 def test_tiny_gpt_keeps_its_loss(gpt_run, mode):
-    run, model, _ = gpt.build(gpt.RunConfig(config="tiny", seq_len=64, batch_size=8))
+    run, model, _ = gpt.build(_run_config(gpt_run))
+    assert run.seq_len == 64
     params = checkpoint.restore(gpt_run, params_only=True)
-    train_tokens, val_tokens = data.split_tokens(data.load_bytes(max_bytes=200000), 0.05)
+    train_tokens, val_tokens = data.split_tokens(data.load_bytes(max_bytes=run.max_bytes), 0.05)  # the run's split
     windows = data.eval_windows(val_tokens, 64, 16)
 
     def loss(apply):
@@ -88,15 +89,15 @@ def test_tiny_gpt_keeps_its_loss(gpt_run, mode):
     assert sum(x.dtype == jnp.int8 for x in jax.tree.leaves(quantized.variables)) == 4 * 6  # q, k, v, out, in, out
     assert abs(loss(quantized.apply) / full - 1) <= 0.02, (full, loss(quantized.apply))
     # One static scale per activation: other batch sizes and lengths work.
-    assert quantized.apply(windows["inputs"][:3, :17]).shape == (3, 17, 256)
+    assert jax.jit(quantized.apply)(windows["inputs"][:3, :17]).shape == (3, 17, 256)
 
 
 def test_tiny_gpt_int8_export_matches_the_quantized_model(gpt_run, tmp_path):
     path = export_recipe("gpt", gpt_run, tmp_path / "m", platforms=("cpu",), quantize="int8")
     loaded = load(path)
     assert loaded.metadata["quantization"] == "int8"
-    tokens = data.eval_windows(data.split_tokens(data.load_bytes(max_bytes=200000), 0.05)[1], 64, 2)["inputs"]
-    run, model, _ = gpt.build(gpt.RunConfig(config="tiny", seq_len=64, batch_size=8))
+    run, model, _ = gpt.build(_run_config(gpt_run))
+    tokens = data.eval_windows(data.split_tokens(data.load_bytes(max_bytes=run.max_bytes), 0.05)[1], 64, 2)["inputs"]
     float_logits = model.apply({"params": checkpoint.restore(gpt_run, params_only=True)}, tokens)
     int8_logits = np.asarray(loaded(tokens))
     assert int8_logits.shape == float_logits.shape

@@ -11,9 +11,8 @@ import pytest
 from recipes import digits
 
 
-def test_student_learns_from_a_teacher_checkpoint(tmp_path):
-    teacher = str(tmp_path / "teacher")
-    digits.main(["--model=cnn", "--epochs=4", f"--out={teacher}", "--progress=false"])
+def test_student_learns_from_a_teacher_checkpoint(tmp_path, digits_cnn_run):
+    teacher = digits_cnn_run.out  # the recipe's default CNN, trained once for the suite
     student = str(tmp_path / "student")
     result = digits.main(["--model=mlp", "--hidden=32", "--epochs=15", f"--teacher={teacher}", "--distill_alpha=0.3",
                           "--distill_temperature=3", f"--out={student}", "--progress=false"])

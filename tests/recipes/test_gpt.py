@@ -15,31 +15,29 @@ from flax import linen
 from lepton_jax import models
 from recipes import gpt
 
-SHORT = ["--config=tiny", "--batch_size=8", "--seq_len=64", "--max_bytes=300000", "--eval_every=10",
-         "--eval_windows=16", "--progress=false"]
 
-
-def test_short_run_learns_resumes_and_generates(tmp_path, capsys):
-    out = str(tmp_path / "gpt")
-    first = gpt.main([*SHORT, "--steps=30", f"--out={out}"])
+def test_short_run_learns_resumes_and_generates(tiny_gpt_run, tmp_path):
+    first = tiny_gpt_run.result  # 30 steps, trained once for the whole suite
+    assert first["steps"] == 30
     assert first["val_bits_per_byte"] < 5.5  # uniform bytes are 8 bits; 30 small steps learn the byte statistics
-    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    rows = [json.loads(line) for line in open(os.path.join(tiny_gpt_run.out, "metrics.jsonl"))]
     evals = [r for r in rows if r["split"] == "eval"]
     assert evals[-1]["bits_per_byte"] < evals[0]["bits_per_byte"]
     assert math.isclose(evals[-1]["bits_per_byte"], evals[-1]["loss"] / math.log(2))
     assert all("tokens_per_second" in r for r in rows if r["split"] == "train")
-    assert "mesh(data=8) over 8 cpu devices" in capsys.readouterr().out  # data=-1 takes all 8 test devices
+    assert "mesh(data=8) over 8 cpu devices" in tiny_gpt_run.stdout  # data=-1 takes all 8 test devices
 
-    more = gpt.main([*SHORT, "--steps=40", f"--out={out}", "--resume"])
+    out = tiny_gpt_run.copy_to(tmp_path / "gpt")
+    more = gpt.main([*tiny_gpt_run.argv, "--steps=40", f"--out={out}", "--resume"])
     assert more["resumed_from"] == 30 and more["steps"] == 40
 
-    text = gpt.main([*SHORT, f"--out={out}", "--generate=def ", "--max_new_tokens=20"])
+    text = gpt.main([*tiny_gpt_run.argv, f"--out={out}", "--generate=def ", "--max_new_tokens=20"])
     assert text.startswith("def ") and len(text.encode("utf-8", errors="replace")) >= 20
 
 
-def test_fsdp_mesh_run(tmp_path, capsys):
+def test_fsdp_mesh_run(gpt_short_flags, tmp_path, capsys):
     # float16 compute with dynamic loss scaling, sharded FSDP over the 8 test devices.
-    result = gpt.main([*SHORT, "--steps=6", "--mesh=data=2,fsdp=4", "--rules=fsdp", "--dtype=float16",
+    result = gpt.main([*gpt_short_flags, "--steps=6", "--mesh=data=2,fsdp=4", "--rules=fsdp", "--dtype=float16",
                        f"--out={tmp_path}"])
     assert result["steps"] == 6 and np.isfinite(result["val_bits_per_byte"])
     rows = [json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl"))]
@@ -53,13 +51,17 @@ def test_kv_cache_decoding_matches_full_forward():
                                   d_model=32, d_ff=64, positions=positions)
         model = models.GPT(config)
         tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 9), 0, 40)
-        params = linen.meta.unbox(model.init(jax.random.PRNGKey(1), tokens)["params"])
-        full = model.apply({"params": params}, tokens)
-        cache = model.init(jax.random.PRNGKey(0), tokens[:, :1], decode=True)["cache"]
+        params = linen.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(1), tokens)["params"])
+        forward = jax.jit(model.apply)
+        full = forward({"params": params}, tokens)
+        cache = jax.jit(lambda key, t: model.init(key, t, decode=True)["cache"])(jax.random.PRNGKey(0), tokens[:, :1])
+        jax.tree.map(np.testing.assert_array_equal, models.init_cache(model, 2), cache)
+        # One compiled decode step, fed token after token.
+        decode = jax.jit(lambda cache, token_Bx1: model.apply({"params": params, "cache": cache}, token_Bx1,
+                                                             decode=True, mutable=["cache"]))
         steps = []
         for i in range(tokens.shape[1]):
-            logits, updates = model.apply({"params": params, "cache": cache}, tokens[:, i:i + 1], decode=True,
-                                          mutable=["cache"])
+            logits, updates = decode(cache, tokens[:, i:i + 1])
             cache = updates["cache"]
             steps.append(logits[:, 0])
         np.testing.assert_allclose(jnp.stack(steps, 1), full, rtol=1e-5, atol=1e-5)
@@ -67,7 +69,7 @@ def test_kv_cache_decoding_matches_full_forward():
         assert greedy.shape == (2, 9)
         np.testing.assert_array_equal(greedy[:, :4], tokens[:, :4])
         # Greedy decoding picks the argmax of the full forward at each position.
-        np.testing.assert_array_equal(greedy[:, 4], jnp.argmax(model.apply({"params": params}, greedy[:, :4])[:, -1], -1))
+        np.testing.assert_array_equal(greedy[:, 4], jnp.argmax(forward({"params": params}, greedy[:, :4])[:, -1], -1))
 
 
 def test_bad_recipe_options():
