@@ -97,18 +97,22 @@ def magnitude_prune(schedule: Callable[[jax.Array], jax.Array], *, scope: str = 
     def update(updates: PyTree, state: MagnitudePruneState, params: PyTree | None = None):
         if params is None:
             raise ValueError("magnitude_prune: the update needs params (call tx.update(grads, state, params))")
-        sparsity = schedule(state.count)
-        candidate = jax.tree.map(lambda p, u: p + u, params, updates)
         prunable = prunable_fn(params)
-        if n_m is not None:
-            fresh = _n_m_masks(candidate, prunable, *n_m, active=sparsity > 0)
-        elif scope == "global":
-            fresh = _global_masks(candidate, state.masks, prunable, sparsity)
-        else:
-            fresh = jax.tree.map(lambda p, m, keep: _leaf_mask(p, m, sparsity) if keep else m, candidate,
-                                 state.masks, prunable)
-        due = state.count % frequency == 0
-        masks = jax.tree.map(lambda new, old: jnp.where(due, new, old), fresh, state.masks)
+
+        def fresh_masks() -> PyTree:
+            sparsity = schedule(state.count)
+            candidate = jax.tree.map(lambda p, u: p + u, params, updates)
+            if n_m is not None:
+                return _n_m_masks(candidate, prunable, *n_m, active=sparsity > 0)
+            if scope == "global":
+                return _global_masks(candidate, state.masks, prunable, sparsity)
+            return jax.tree.map(lambda p, m, keep: _leaf_mask(p, m, sparsity) if keep else m, candidate,
+                                state.masks, prunable)
+
+        # The ranking (a sort of every prunable weight) runs on mask-update
+        # steps only: computed every step and discarded, it made a pruned MLP's
+        # step four times slower than the dense one on CPU.
+        masks = jax.lax.cond(state.count % frequency == 0, fresh_masks, lambda: state.masks)
         updates = jax.tree.map(lambda u, p, m: jnp.where(m, u, -p), updates, params, masks)
         return updates, MagnitudePruneState(state.count + 1, masks)
 
@@ -123,7 +127,8 @@ def _magnitudes(p: jax.Array, mask: jax.Array) -> jax.Array:
 def _keep_largest(scores: jax.Array, sparsity: jax.Array) -> jax.Array:
     """True for all but the ``floor(sparsity * n)`` smallest of a flat array."""
     prune = jnp.floor(sparsity * scores.size).astype(jnp.int32)
-    ranks = jnp.argsort(jnp.argsort(scores, stable=True), stable=True)
+    order = jnp.argsort(scores, stable=True)
+    ranks = jnp.zeros_like(order).at[order].set(jnp.arange(scores.size, dtype=order.dtype))  # the inverse permutation
     return ranks >= prune
 
 
