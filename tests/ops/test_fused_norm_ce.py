@@ -48,13 +48,21 @@ def test_norm_kernels_match_reference(backend, kind, lead, hidden, with_residual
         x = (jax.random.normal(ks[0], shape) * 3 + 1).astype(dtype)
         residual = jax.random.normal(ks[1], shape).astype(dtype)
         scale, bias = jax.random.normal(ks[2], (hidden,)), jax.random.normal(ks[3], (hidden,))
-        expected, vjp_ref = jax.vjp(_norm_fn(kind, "xla", with_residual), x, residual, scale, bias)
-        got, vjp_kernel = jax.vjp(_norm_fn(kind, "pallas", with_residual), x, residual, scale, bias)
-        cotangent = jax.tree.map(lambda a: jax.random.normal(ks[4], a.shape).astype(a.dtype), expected)
+        # Forward and backward of each implementation compiled as one program.
+        @jax.jit
+        def forward_and_vjp(x, residual, scale, bias, key):
+            results = []
+            for implementation in ("xla", "pallas"):
+                out, vjp = jax.vjp(_norm_fn(kind, implementation, with_residual), x, residual, scale, bias)
+                cotangent = jax.tree.map(lambda a: jax.random.normal(key, a.shape).astype(a.dtype), out)
+                results.append((out, vjp(cotangent)))
+            return results
+
+        (expected, grads_ref), (got, grads_kernel) = forward_and_vjp(x, residual, scale, bias, ks[4])
         for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
             assert g.dtype == e.dtype == dtype
             _close(g, e, dtype, "forward")
-        for name, e, g in zip(("dx", "dresidual", "dscale", "dbias"), vjp_ref(cotangent), vjp_kernel(cotangent)):
+        for name, e, g in zip(("dx", "dresidual", "dscale", "dbias"), grads_ref, grads_kernel):
             _close(g, e, dtype, name)
 
 
@@ -109,7 +117,8 @@ def _check_linear_ce(implementation, T, H, V, chunk, eps, z_loss, ignore_every, 
             return jnp.sum(out * jnp.arange(1, out.size + 1).reshape(out.shape))  # weights exercise "none"
         return jax.value_and_grad(loss, argnums=(0, 1))
 
-    (expected, (dx_ref, dw_ref)), (got, (dx, dw)) = f("xla")(x, w), f(implementation)(x, w)
+    # Each implementation's value and gradients compiled as one program.
+    (expected, (dx_ref, dw_ref)), (got, (dx, dw)) = jax.jit(f("xla"))(x, w), jax.jit(f(implementation))(x, w)
     _close(got, expected, jnp.float32 if dtype == jnp.float32 else dtype, "loss")
     assert dx.dtype == x.dtype and dw.dtype == w.dtype
     _close(dx, dx_ref, dtype, "dx")
@@ -123,10 +132,10 @@ def test_reference_matches_optax_and_ignored_tokens_contribute_nothing():
     targets = optax.smooth_labels(jax.nn.one_hot(labels[keep], 30), 0.1)
     expected = optax.softmax_cross_entropy(logits[keep], targets).mean()
     for implementation in ("xla", "chunked", "pallas"):
-        loss = ops.linear_cross_entropy(x, w, labels, label_smoothing=0.1, implementation=implementation,
-                                        chunk_size=16)
+        loss = jax.jit(lambda x, w: ops.linear_cross_entropy(x, w, labels, label_smoothing=0.1,
+                                                             implementation=implementation, chunk_size=16))(x, w)
         np.testing.assert_allclose(loss, expected, rtol=1e-5)
-        dx = jax.grad(lambda x: ops.linear_cross_entropy(x, w, labels, implementation=implementation))(x)
+        dx = jax.jit(jax.grad(lambda x: ops.linear_cross_entropy(x, w, labels, implementation=implementation)))(x)
         np.testing.assert_array_equal(dx[~keep], 0.0)
     z = ops.linear_cross_entropy(x, w, labels, z_loss=1e-2, reduction="none")
     lse = jax.nn.logsumexp(logits, axis=-1)
@@ -138,9 +147,9 @@ def test_all_ignored_batch_gives_zero_loss_and_gradients():
     x, w, _ = _ce_inputs(1, 20, 8, 30)
     labels = jnp.full((20,), -100)
     for implementation in ("xla", "chunked", "pallas"):
-        loss, (dx, dw) = jax.value_and_grad(
+        loss, (dx, dw) = jax.jit(jax.value_and_grad(
             lambda x, w: ops.linear_cross_entropy(x, w, labels, implementation=implementation, chunk_size=8),
-            argnums=(0, 1))(x, w)
+            argnums=(0, 1)))(x, w)
         assert float(loss) == 0.0
         np.testing.assert_array_equal(dx, 0.0)
         np.testing.assert_array_equal(dw, 0.0)
