@@ -3,6 +3,8 @@ device; shard_map and pmap paths equal the jit path; FSDP shards the state."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,6 +41,7 @@ SETUPS = {"gpt": _gpt_setup, "mlp": _mlp_setup}
 TX = optax.adamw(1e-2, weight_decay=0.01)
 
 
+@functools.lru_cache(maxsize=None)  # one reference run per setup, shared by the meshes compared with it
 def _single_device_losses(name):
     model, loss_fn, key, batches = SETUPS[name]()
     state = train.create_train_state(model, TX, batches[0][key], seed=0)
