@@ -130,8 +130,6 @@ def quantize(model: linen.Module, variables: dict[str, Any], example_inputs: jax
             raise ValueError("quantize: mode='int8' sets activation scales from calibration batches; give some")
         calibrating = qwix.quantize_model(model, qwix.QtProvider(rules))
 
-        # Eager, not jitted: qwix 0.1.8 updates the statistics of a convolution
-        # inside a custom_vjp, which leaks tracers under jit.
         def observe(stats, batch):
             _, updates = calibrating.apply({**variables, "quant_stats": stats}, batch, mutable=["quant_stats"],
                                            **kwargs)
@@ -142,10 +140,25 @@ def quantize(model: linen.Module, variables: dict[str, Any], example_inputs: jax
         # rather than an eager run of every initializer and op.
         shapes = jax.eval_shape(lambda: calibrating.init(jax.random.PRNGKey(0), batches[0], **kwargs))
         stats = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), dict(shapes).get("quant_stats", {}))
-        for batch in batches:
-            stats = observe(stats, batch)
+        stats = _calibrate(observe, stats, batches)
     quantized = qwix.quantize_model(model, qwix.PtqProvider(rules))
     abstract = jax.eval_shape(lambda: quantized.init(jax.random.PRNGKey(0), example_inputs, **kwargs))
     params = qwix.quantize_params(variables["params"], abstract["params"], stats)
     others = {k: v for k, v in variables.items() if k != "params"}
     return QuantizedModel(quantized, {**others, "params": params}, kwargs)
+
+
+def _calibrate(observe: Callable[[Any, Any], Any], stats: Any, batches: list) -> Any:
+    """Folds ``observe`` over the calibration batches: compiled once when it
+    can be, else eagerly. qwix 0.1.8 updates a convolution's statistics inside
+    a ``custom_vjp``, which leaks a tracer under ``jit``; such models (the
+    CNNs) calibrate op by op, the others (transformers) in one program."""
+    try:
+        compiled = jax.jit(observe)
+        observed = compiled(stats, batches[0])
+    except jax.errors.UnexpectedTracerError:
+        compiled, observed = observe, observe(stats, batches[0])
+    for batch in batches[1:]:
+        observed = compiled(observed, batch)
+    return observed
+
