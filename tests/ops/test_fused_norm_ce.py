@@ -43,11 +43,11 @@ def _norm_fn(kind, implementation, with_residual):
 def test_norm_kernels_match_reference(backend, kind, lead, hidden, with_residual, dtype, seed):
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setenv("LEPTON_PALLAS_BACKEND", backend)
-        ks = jax.random.split(jax.random.PRNGKey(seed), 5)
+        rng = np.random.default_rng(seed)  # numpy draws: a jax.random draw of a new shape compiles anew
         shape = (*lead, hidden)
-        x = (jax.random.normal(ks[0], shape) * 3 + 1).astype(dtype)
-        residual = jax.random.normal(ks[1], shape).astype(dtype)
-        scale, bias = jax.random.normal(ks[2], (hidden,)), jax.random.normal(ks[3], (hidden,))
+        x = jnp.asarray(rng.standard_normal(shape) * 3 + 1, jnp.float32).astype(dtype)
+        residual = jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
+        scale, bias = (jnp.asarray(rng.standard_normal(hidden), jnp.float32) for _ in range(2))
         # Forward and backward of each implementation compiled as one program.
         @jax.jit
         def forward_and_vjp(x, residual, scale, bias, key):
@@ -58,7 +58,7 @@ def test_norm_kernels_match_reference(backend, kind, lead, hidden, with_residual
                 results.append((out, vjp(cotangent)))
             return results
 
-        (expected, grads_ref), (got, grads_kernel) = forward_and_vjp(x, residual, scale, bias, ks[4])
+        (expected, grads_ref), (got, grads_kernel) = forward_and_vjp(x, residual, scale, bias, jax.random.PRNGKey(seed))
         for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
             assert g.dtype == e.dtype == dtype
             _close(g, e, dtype, "forward")
@@ -84,10 +84,10 @@ def test_nn_norm_modules_run_the_kernels():
 
 
 def _ce_inputs(seed, T, H, V, ignore_every=0, dtype=jnp.float32):
-    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
-    x = jax.random.normal(ks[0], (T, H)).astype(dtype)
-    w = (jax.random.normal(ks[1], (H, V)) / np.sqrt(H)).astype(dtype)
-    labels = jax.random.randint(ks[2], (T,), 0, V)
+    rng = np.random.default_rng(seed)  # numpy draws: a jax.random draw of a new shape compiles anew
+    x = jnp.asarray(rng.standard_normal((T, H)), jnp.float32).astype(dtype)
+    w = jnp.asarray(rng.standard_normal((H, V)) / np.sqrt(H), jnp.float32).astype(dtype)
+    labels = jnp.asarray(rng.integers(0, V, T), jnp.int32)
     if ignore_every:
         labels = labels.at[::ignore_every].set(-100)
     return x, w, labels
