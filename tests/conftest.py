@@ -26,6 +26,7 @@ names ``--xla_backend_optimization_level`` keeps its own level.
 
 import contextlib
 import fcntl
+import gc
 import io
 import json
 import os
@@ -52,6 +53,13 @@ if _RUN_DIR_OWNER:
         os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["LEPTON_TEST_RUN_DIR"], "xla-cache")
         os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
         os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+def pytest_collection_finish(session):
+    # What the imports and the collection made lives for the whole run: keep
+    # it out of the garbage collector's full passes (3% of a worker's time).
+    gc.collect()
+    gc.freeze()
 
 
 def pytest_unconfigure(config):
