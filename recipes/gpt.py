@@ -155,14 +155,11 @@ def train_run(run: RunConfig) -> dict:
 
 
 def generate_run(run: RunConfig) -> str:
-    run, model, tx = build(run)
-    target = train.create_train_state(model, tx, np.zeros((1, 8), np.int32), seed=run.seed,
-                                      loss_scale="dynamic" if run.dtype == "float16" else None)
-    with checkpoint.CheckpointManager(os.path.join(run.out, "checkpoints")) as manager:
-        state = manager.restore(target=target)
+    run, model, _ = build(run)
+    params = checkpoint.restore(os.path.join(run.out, "checkpoints"), params_only=True)  # the latest step
     prompt = np.frombuffer(run.generate.encode("utf-8"), np.uint8).astype(np.int32)[None]
     room = model.config.max_len - prompt.shape[1]
-    out = models.generate(model, state.params, prompt, min(run.max_new_tokens, room),
+    out = models.generate(model, params, prompt, min(run.max_new_tokens, room),
                           temperature=run.temperature, top_k=run.top_k, seed=run.seed)
     text = bytes(np.asarray(out[0], np.uint8)).decode("utf-8", errors="replace")
     print(text)

@@ -130,7 +130,8 @@ def gpt_short_flags() -> list[str]:
 
 @pytest.fixture(scope="session")
 def tiny_gpt_run() -> SharedRun:
-    """30 steps of the GPT recipe's tiny config on 8 simulated devices (``GPT_SHORT``)."""
+    """40 steps of the GPT recipe's tiny config on 8 simulated devices
+    (``GPT_SHORT``; checkpoints at steps 20, 30 and 40)."""
     from recipes import gpt
 
-    return shared_run("tiny_gpt", gpt.main, [*GPT_SHORT, "--steps=30"])
+    return shared_run("tiny_gpt", gpt.main, [*GPT_SHORT, "--steps=40"])

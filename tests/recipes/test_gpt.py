@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -16,20 +17,30 @@ from lepton_jax import models
 from recipes import gpt
 
 
+def _rows(out: str) -> list[dict]:
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
 def test_short_run_learns_resumes_and_generates(tiny_gpt_run, tmp_path):
-    first = tiny_gpt_run.result  # 30 steps, trained once for the whole suite
-    assert first["steps"] == 30
-    assert first["val_bits_per_byte"] < 5.5  # uniform bytes are 8 bits; 30 small steps learn the byte statistics
-    rows = [json.loads(line) for line in open(os.path.join(tiny_gpt_run.out, "metrics.jsonl"))]
+    first = tiny_gpt_run.result  # 40 steps, trained once for the whole suite
+    assert first["steps"] == 40
+    assert first["val_bits_per_byte"] < 5.5  # uniform bytes are 8 bits; 40 small steps learn the byte statistics
+    rows = _rows(tiny_gpt_run.out)
     evals = [r for r in rows if r["split"] == "eval"]
     assert evals[-1]["bits_per_byte"] < evals[0]["bits_per_byte"]
     assert math.isclose(evals[-1]["bits_per_byte"], evals[-1]["loss"] / math.log(2))
     assert all("tokens_per_second" in r for r in rows if r["split"] == "train")
     assert "mesh(data=8) over 8 cpu devices" in tiny_gpt_run.stdout  # data=-1 takes all 8 test devices
 
+    # Stopped after step 30: --resume continues from that checkpoint, data
+    # position included, and steps 31-40 give the uninterrupted run's numbers.
     out = tiny_gpt_run.copy_to(tmp_path / "gpt")
-    more = gpt.main([*tiny_gpt_run.argv, "--steps=40", f"--out={out}", "--resume"])
+    shutil.rmtree(os.path.join(out, "checkpoints", "40"))
+    more = gpt.main([*tiny_gpt_run.argv, f"--out={out}", "--resume"])
     assert more["resumed_from"] == 30 and more["steps"] == 40
+    last = lambda rows, split: [r for r in rows if r["split"] == split and r["step"] == 40][-1]  # noqa: E731
+    for split in ("train", "eval"):
+        assert last(_rows(out), split)["loss"] == last(rows, split)["loss"]
 
     text = gpt.main([*tiny_gpt_run.argv, f"--out={out}", "--generate=def ", "--max_new_tokens=20"])
     assert text.startswith("def ") and len(text.encode("utf-8", errors="replace")) >= 20
