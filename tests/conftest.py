@@ -62,6 +62,17 @@ def pytest_collection_finish(session):
     gc.freeze()
 
 
+# Tests that read a shared trained run are slow whatever they do themselves:
+# the run is trained for the first of them.
+_TRAINED_RUNS = {"digits_cnn_run", "tiny_gpt_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _TRAINED_RUNS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_unconfigure(config):
     if _RUN_DIR_OWNER:
         shutil.rmtree(os.environ["LEPTON_TEST_RUN_DIR"], ignore_errors=True)

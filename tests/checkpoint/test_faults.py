@@ -13,8 +13,11 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from lepton_jax import checkpoint
+
+pytestmark = pytest.mark.slow
 
 WORKER = os.path.join(os.path.dirname(__file__), "fault_worker.py")
 

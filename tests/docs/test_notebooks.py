@@ -18,6 +18,7 @@ DOCS = os.path.join(os.path.dirname(__file__), "..", "..", "docs")
 NOTEBOOKS = sorted(f for f in os.listdir(os.path.join(DOCS, "notebooks")) if f.endswith(".md"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs(name, monkeypatch):
     jupytext = pytest.importorskip("jupytext", reason="the dev extra installs jupytext")

@@ -18,6 +18,7 @@ def _tiny(**overrides) -> models.GPTConfig:
     return models.GPTConfig(**(base | overrides))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tie", [True, False])
 def test_fused_loss_matches_logits_loss_and_gradients(tie):
     tokens = jax.random.randint(jax.random.PRNGKey(0), (3, 9), 0, 40)

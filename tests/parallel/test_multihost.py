@@ -12,11 +12,14 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from lepton_jax import checkpoint, data, train
 
 sys.path.insert(0, os.path.dirname(__file__))
 from multihost_common import STEPS, make_problem  # noqa: E402
+
+pytestmark = pytest.mark.slow
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
 

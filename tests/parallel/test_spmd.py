@@ -53,6 +53,7 @@ def _single_device_losses(name):
     return losses, state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt", "mlp"])
 @pytest.mark.parametrize("axes, rules", [
     ({"data": 8}, "data"),
@@ -80,6 +81,7 @@ def test_meshes_match_one_device(name, axes, rules):
         assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt", "mlp"])
 def test_shard_map_and_pmap_paths_equal_the_jit_path(name):
     expected, _ = _single_device_losses(name)

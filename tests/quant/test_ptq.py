@@ -127,6 +127,7 @@ def test_bad_arguments():
         quant.quantize(model, variables, x, mode="int8", calibration=[x], act_batch_axes=(0, -1))
 
 
+@pytest.mark.slow
 def test_quantization_aware_training_with_fit():
     import optax
 

@@ -10,6 +10,8 @@ import pytest
 
 from recipes import digits
 
+pytestmark = pytest.mark.slow
+
 
 def test_student_learns_from_a_teacher_checkpoint(tmp_path, digits_cnn_run):
     teacher = digits_cnn_run.out  # the recipe's default CNN, trained once for the suite

@@ -11,6 +11,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import linen
 
 from lepton_jax import models
@@ -46,6 +47,7 @@ def test_short_run_learns_resumes_and_generates(tiny_gpt_run, tmp_path):
     assert text.startswith("def ") and len(text.encode("utf-8", errors="replace")) >= 20
 
 
+@pytest.mark.slow
 def test_fsdp_mesh_run(gpt_short_flags, tmp_path, capsys):
     # float16 compute with dynamic loss scaling, sharded FSDP over the 8 test devices.
     result = gpt.main([*gpt_short_flags, "--steps=6", "--mesh=data=2,fsdp=4", "--rules=fsdp", "--dtype=float16",
@@ -56,6 +58,7 @@ def test_fsdp_mesh_run(gpt_short_flags, tmp_path, capsys):
     assert "mesh(data=2, fsdp=4) over 8 cpu devices" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_kv_cache_decoding_matches_full_forward():
     for positions in ("learned", "rotary"):
         config = models.GPTConfig(vocab_size=40, max_len=12, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -84,8 +87,6 @@ def test_kv_cache_decoding_matches_full_forward():
 
 
 def test_bad_recipe_options():
-    import pytest
-
     with pytest.raises(ValueError, match=r"--config must be one of .*got 'huge'"):
         gpt.main(["--config=huge"])
     with pytest.raises(ValueError, match="--mesh takes name=size pairs"):

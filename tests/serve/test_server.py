@@ -192,6 +192,7 @@ def test_bucket_sizes():
     assert bucket_sizes(48) == [1, 2, 4, 8, 16, 32, 48]
 
 
+@pytest.mark.slow
 def test_command_line_serves_and_stops_on_sigterm(tmp_path, subprocess_env):
     import os
     import signal
@@ -252,6 +253,7 @@ def _events(response) -> list:
     return events
 
 
+@pytest.mark.slow
 def test_generate_streams_the_kv_cache_decoding(tmp_path):
     from lepton_jax import models
 
