@@ -169,15 +169,13 @@ def run(config: DigitsConfig) -> dict:
           f"model {config.model}: {train.count_params(state.params):,} params | "
           f"{len(train_split['label'])}/{len(val_split['label'])}/{len(test_split['label'])} train/val/test")
     started = time.perf_counter()
-    result = train.fit(
-        state, train_step, batches,
-        num_steps=total_steps,
-        eval_step=eval_step, eval_data=val_split,
-        eval_every=config.eval_every_epochs * batches.steps_per_epoch,
-        log_every=batches.steps_per_epoch,
-        output_dir=config.out, resume=config.resume, progress=config.progress,
+    hooks = train.default_hooks(
+        config.out, eval_step=eval_step, eval_data=val_split,
+        eval_every=config.eval_every_epochs * batches.steps_per_epoch, log_every=batches.steps_per_epoch,
+        resume=config.resume, progress=config.progress,
         extra={"config": config_lib.to_dict(config), "normalizer": normalizer.to_dict()},
     )
+    result = train.fit(state, train_step, batches, num_steps=total_steps, hooks=hooks)
     seconds = time.perf_counter() - started
 
     test = train.evaluate(result.state, eval_step, data.iterate_once(test_split, 256, pad=True))

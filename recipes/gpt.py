@@ -134,15 +134,21 @@ def train_run(run: RunConfig) -> dict:
     print(f"model {run.config}: {num_params / 1e6:.2f}M params, {model.config.dtype.name} compute | "
           f"corpus {len(tokens) / 1e6:.1f} MB ({len(train_tokens):,} train / {len(val_tokens):,} held-out bytes)")
     started = time.perf_counter()
-    result = train.fit(
-        state, step, batches, num_steps=run.steps, eval_step=eval_step, eval_data=val,
-        eval_batch_size=min(run.batch_size, len(val["inputs"])), eval_every=run.eval_every,
-        log_every=max(1, min(50, run.eval_every)), output_dir=run.out, resume=run.resume, progress=run.progress,
-        extra={"run": config_lib.to_dict(run) | {"dtype": run.dtype}},
-        logical_axes=parallel.param_logical_axes(model, example),
-        tokens_per_step=tokens_per_step, flops_per_step=flops, peak_flops=peak * mesh.devices.size if peak else None,
-        eval_transform=lambda m: {"bits_per_byte": m["loss"] / math.log(2)},
-    )
+    hooks = [
+        train.Preemption(),
+        *([train.ProgressBar()] if run.progress else []),
+        train.TrainMetrics(every=max(1, min(50, run.eval_every))),
+        train.Throughput(tokens_per_step=tokens_per_step, flops_per_step=flops,
+                         peak_flops=peak * mesh.devices.size if peak else None),
+        train.Evaluate(eval_step, val, every=run.eval_every, batch_size=min(run.batch_size, len(val["inputs"])),
+                       transform=lambda m: {"bits_per_byte": m["loss"] / math.log(2)}),
+        train.Checkpoint(run.out, every=run.eval_every, resume=run.resume,
+                         extra={"run": config_lib.to_dict(run) | {"dtype": run.dtype}},
+                         logical_axes=parallel.param_logical_axes(model, example)),
+        train.MetricFiles(run.out),
+        train.PlotCurves(run.out),
+    ]
+    result = train.fit(state, step, batches, num_steps=run.steps, hooks=hooks)
     seconds = time.perf_counter() - started
     bpb = result.eval_metrics["bits_per_byte"]
     summary = {"config": run.config, "steps": int(result.state.step), "val_bits_per_byte": bpb,

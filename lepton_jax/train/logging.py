@@ -45,6 +45,12 @@ class MetricLogger:
         """Records the scalar metrics of one step and returns the row."""
         row = {"step": int(step), "split": split, **scalar_metrics(metrics)}
         self.history.append(row)
+        self.write(row)
+        return row
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        """Writes a ``{"step", "split", **scalars}`` row to the files (not to ``history``)."""
+        split, step = row["split"], row["step"]
         if self._jsonl is not None:
             # JSON has no NaN/inf: write them as strings so the file stays valid.
             safe = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in row.items()}
@@ -54,7 +60,6 @@ class MetricLogger:
             for name, value in row.items():
                 if name not in ("step", "split"):
                     self._writer.add_scalar(f"{split}/{name}", value, int(step))
-        return row
 
     def close(self) -> None:
         if self._jsonl is not None:

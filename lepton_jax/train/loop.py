@@ -1,23 +1,83 @@
-"""``fit``: the training loop with evaluation, logging, checkpoints and resume."""
+"""``fit``: a small training loop; everything else it does is a hook.
+
+The loop draws a batch, runs ``train_step`` and calls the hooks that are due.
+Evaluation, metric logging, checkpoints and resume, throughput, plots and
+preemption handling are hooks (``train.hooks``); ``default_hooks`` builds the
+usual set.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import signal
-import threading
-import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
-import numpy as np
 
-from lepton_jax.checkpoint import CheckpointManager
-from lepton_jax.data import BatchIterator, iterate_once
-from lepton_jax.train.logging import History, MetricLogger, plot_history, scalar_metrics
+from lepton_jax.train.hooks import Hook, as_hook
+from lepton_jax.train.logging import History, scalar_metrics
 from lepton_jax.train.state import TrainState
-from lepton_jax.train.step import evaluate
+
+
+@dataclasses.dataclass
+class Loop:
+    """What hooks see and may change while ``fit`` runs.
+
+    Attributes:
+      state: the current ``TrainState`` (a hook may replace it, e.g. on resume).
+      step: the number of steps done (``state.step`` after the last step).
+      total_steps: where the loop ends unless a hook stops it earlier.
+      data: the batch iterator (``get_state``/``set_state`` for its position).
+      metrics: the metrics the last train step returned (device arrays).
+      eval_metrics: the latest evaluation, once an ``Evaluate`` hook ran.
+      history: every row logged so far (``{"step", "split", **metrics}``).
+      resumed_from: the step a checkpoint hook resumed from, else ``None``.
+      start_step: the step this call started from (after any resume).
+      stop_reason / preempted: set by ``request_stop``.
+      is_main: whether this is process 0 (which alone writes logs and plots).
+    """
+
+    state: TrainState
+    step: int
+    total_steps: int
+    data: Any
+    hooks: Sequence[Hook] = ()
+    metrics: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    eval_metrics: dict[str, Any] | None = None
+    history: History = dataclasses.field(default_factory=History)
+    resumed_from: int | None = None
+    stop_reason: str | None = None
+    preempted: bool = False
+    is_main: bool = True
+    exit_stack: contextlib.ExitStack = dataclasses.field(default_factory=contextlib.ExitStack)
+
+    start_step: int = 0
+
+    @property
+    def should_stop(self) -> bool:
+        return self.stop_reason is not None
+
+    @property
+    def at_end(self) -> bool:
+        """The last step: the planned end, or a stop that was not a preemption
+        (hooks then run as at a planned end: a final eval, log and save)."""
+        return self.step >= self.total_steps or (self.should_stop and not self.preempted)
+
+    def request_stop(self, reason: str, *, preempted: bool = False) -> None:
+        """Ends training after this step's hooks (the first reason is kept)."""
+        if self.stop_reason is None:
+            self.stop_reason, self.preempted = reason, preempted
+
+    def log(self, split: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """Records one row of scalar metrics: hooks may add entries to it
+        (``on_row``), then every hook sees it (``on_log``). Returns the row."""
+        row = {"step": self.step, "split": split, **scalar_metrics(metrics)}
+        for hook in self.hooks:
+            hook.on_row(self, row)
+        self.history.append(row)
+        for hook in self.hooks:
+            hook.on_log(self, row)
+        return row
 
 
 @dataclasses.dataclass
@@ -29,191 +89,60 @@ class FitResult:
     eval_metrics: dict[str, Any] | None
     resumed_from: int | None
     preempted: bool = False
+    stop_reason: str | None = None
 
 
 def fit(
     state: TrainState,
-    train_step: Callable,
-    train_data: BatchIterator,
+    train_step: Callable[[TrainState, Any], tuple[TrainState, Mapping[str, Any]]],
+    data: Iterator,
     *,
     num_steps: int | None = None,
     epochs: int | None = None,
-    eval_step: Callable | None = None,
-    eval_data: Mapping[str, np.ndarray] | None = None,
-    eval_batch_size: int = 256,
-    eval_every: int | None = None,
-    log_every: int = 50,
-    output_dir: str | None = None,
-    checkpoint_every: int | None = None,
-    max_to_keep: int = 3,
-    checkpoint_options: Mapping[str, Any] | None = None,
-    logical_axes: Any = None,
-    resume: bool = False,
-    progress: bool = True,
-    tensorboard: bool = True,
-    plot: bool = True,
-    extra: Mapping[str, Any] | None = None,
-    tokens_per_step: int | None = None,
-    flops_per_step: float | None = None,
-    peak_flops: float | None = None,
-    eval_transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    hooks: Sequence[Hook | Callable[[Loop], Any]] = (),
 ) -> FitResult:
-    """Trains ``state`` with ``train_step`` on batches from ``train_data``.
+    """Trains ``state`` with ``train_step`` on batches from ``data``.
 
     Args:
       state: the initial ``TrainState`` (also the restore target on resume).
       train_step: ``(state, batch) -> (state, metrics)``, e.g. from
         ``make_train_step``.
-      train_data: a ``BatchIterator``; its position is checkpointed.
+      data: a ``data.BatchIterator`` (its position is checkpointed).
       num_steps / epochs: how long to train (give exactly one); an epoch is
-        ``train_data.steps_per_epoch`` steps.
-      eval_step / eval_data: optional evaluation (``make_eval_step`` and a dict
-        of arrays, iterated once in padded batches of ``eval_batch_size``),
-        every ``eval_every`` steps (default: once an epoch) and at the end.
-      log_every: steps between train-metric rows (means over the window).
-      output_dir: where ``metrics.jsonl``, TensorBoard events, ``curves.png``
-        and ``checkpoints/`` go; ``None`` keeps everything in memory.
-      checkpoint_every: steps between checkpoints (default: every eval, and
-        always at the end); needs ``output_dir``. Each checkpoint carries the
-        latest eval metrics (for ``best_metric`` retention).
-      max_to_keep / checkpoint_options: ``CheckpointManager`` settings (e.g.
-        ``{"keep_every_n_steps": 1000, "best_metric": "loss"}``).
-      logical_axes: the params' logical axis names, saved with checkpoints so
-        they can be restored onto another mesh (``parallel.param_logical_axes``).
-      resume: continue from the latest readable checkpoint in ``output_dir``
-        if any: the state, the step and the data position are restored, so
-        the run continues exactly as if it had not stopped.
-      progress: show a progress bar (``tqdm.auto``, a widget in notebooks).
-      extra: JSON saved with each checkpoint beside the data position.
-      tokens_per_step / flops_per_step / peak_flops: when given, train rows
-        also carry ``tokens_per_second`` and ``mfu`` (model FLOPs over the
-        devices' peak; ``peak_flops`` is for all devices together).
-      eval_transform: adds derived entries to each eval result (e.g. bits per byte).
+        ``data.steps_per_epoch`` steps. A resumed run ends at the same step.
+      hooks: ``Hook`` objects (or plain ``fn(loop)`` callables, run every
+        step), called in order after each step that is due for them
+        (``hook.every``), e.g. ``default_hooks(eval_step=..., eval_data=...)``.
+        Any hook can end training with ``loop.request_stop(reason)``.
 
     Returns:
-      ``FitResult(state, history, eval_metrics, resumed_from, preempted)``.
-
-    Preemption: with an ``output_dir``, SIGTERM or SIGINT during ``fit`` (from
-    the main thread) saves a checkpoint at the next step boundary, waits for
-    the write and returns with ``preempted=True``; ``resume=True`` continues.
+      ``FitResult(state, history, eval_metrics, resumed_from, preempted, stop_reason)``.
     """
-    total_steps = _total_steps(num_steps, epochs, train_data)
-    for name, value in (("log_every", log_every), ("eval_every", eval_every),
-                        ("checkpoint_every", checkpoint_every), ("eval_batch_size", eval_batch_size)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"fit: {name} must be a positive int, got {value!r}")
-    if (eval_step is None) != (eval_data is None):
-        raise ValueError("fit: eval_step and eval_data must be given together")
-    if (resume or checkpoint_every) and output_dir is None:
-        raise ValueError("fit: resume and checkpoint_every need an output_dir")
-    if eval_every is None:
-        eval_every = train_data.steps_per_epoch
-    if checkpoint_every is None:
-        checkpoint_every = eval_every
-
-    # With several processes only the first writes logs, plots and the bar;
-    # every process takes part in checkpoint saves (Orbax coordinates them).
-    main = jax.process_index() == 0
-    logger = MetricLogger(output_dir if main else None, tensorboard=tensorboard)
-    manager = None
-    resumed_from = None
-    if output_dir is not None:
-        manager = CheckpointManager(os.path.join(output_dir, "checkpoints"), max_to_keep=max_to_keep,
-                                    **dict(checkpoint_options or {}))
-        if resume and manager.latest_step() is not None:
-            state = manager.restore(target=state)  # skips a damaged latest step with a warning
-            resumed_from = int(state.step)
-            train_data.set_state(manager.extra(resumed_from)["data"])
-
-    start = int(state.step)
-    eval_metrics = None
-    bar = _progress_bar(total_steps, start, progress and main)
-    window: list[dict[str, jax.Array]] = []
-    window_start = time.perf_counter()
-    preempted = False
-    stop_signal = _StopSignal(enabled=manager is not None)
-
-    def save(step: int, force: bool = False) -> None:
-        metrics = {k: v for k, v in (eval_metrics or {}).items() if isinstance(v, (int, float, np.floating))}
-        manager.save(step, state, metrics=metrics, force=force, logical_axes=logical_axes,
-                     extra={**(extra or {}), "data": train_data.get_state(), "step": step})
-
-    try:
-        stop_signal.__enter__()
-        for step in range(start + 1, total_steps + 1):
-            state, metrics = train_step(state, next(train_data))
-            window.append(metrics)
-            if step % log_every == 0 or step == total_steps:
-                means = {k: float(np.mean([jax.device_get(m[k]) for m in window])) for k in window[0]}
-                means["steps_per_second"] = len(window) / max(time.perf_counter() - window_start, 1e-9)
-                if tokens_per_step:
-                    means["tokens_per_second"] = means["steps_per_second"] * tokens_per_step
-                if flops_per_step and peak_flops:
-                    means["mfu"] = means["steps_per_second"] * flops_per_step / peak_flops
-                means["epoch"] = train_data.epoch
-                row = logger.log(step, "train", means)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "accuracy", "tokens_per_second")})
-                window, window_start = [], time.perf_counter()
-            if eval_step is not None and (step % eval_every == 0 or step == total_steps):
-                eval_metrics = evaluate(state, eval_step, iterate_once(eval_data, eval_batch_size, pad=True))
-                if eval_transform is not None:
-                    eval_metrics = {**eval_metrics, **eval_transform(eval_metrics)}
-                logger.log(step, "eval", eval_metrics)
-            if manager is not None and (step % checkpoint_every == 0 or step == total_steps):
-                save(step)
-            bar.update(1)
-            if stop_signal.received is not None and step < total_steps:
-                save(step, force=True)
-                manager.wait()
-                preempted = True
-                if main:
-                    print(f"fit: {signal.Signals(stop_signal.received).name} received; saved step {step} "
-                          f"to {manager.directory}; resume=True continues", flush=True)
-                break
-    finally:
-        stop_signal.__exit__()
-        bar.close()
-        if manager is not None:
-            manager.close()
-        logger.close()
-
-    if plot and main and output_dir is not None and logger.history:
-        plot_history(logger.history, os.path.join(output_dir, "curves.png"))
-    return FitResult(state=state, history=History(logger.history), eval_metrics=eval_metrics, resumed_from=resumed_from,
-                     preempted=preempted)
+    total_steps = _total_steps(num_steps, epochs, data)
+    hooks = [as_hook(hook) for hook in hooks]
+    with contextlib.ExitStack() as exit_stack:
+        loop = Loop(state=state, step=int(state.step), total_steps=total_steps, data=data, hooks=hooks,
+                    is_main=jax.process_index() == 0, exit_stack=exit_stack)
+        for hook in hooks:
+            hook.on_start(loop)
+        loop.start_step = loop.step
+        while loop.step < total_steps and not loop.should_stop:
+            loop.state, loop.metrics = train_step(loop.state, next(data))
+            loop.step += 1
+            for hook in hooks:
+                hook.on_step(loop)
+            for hook in hooks:
+                if loop.step % hook.every == 0 or loop.at_end:
+                    hook(loop)
+        for hook in hooks:
+            hook.on_end(loop)
+    return FitResult(state=loop.state, history=loop.history, eval_metrics=loop.eval_metrics,
+                     resumed_from=loop.resumed_from, preempted=loop.preempted, stop_reason=loop.stop_reason)
 
 
-class _StopSignal(contextlib.AbstractContextManager):
-    """Turns SIGTERM/SIGINT into a flag checked at step boundaries (only
-    from the main thread, where Python delivers signals)."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.received = signum
-
-    def __enter__(self) -> "_StopSignal":
-        if self.enabled:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
-
-
-def _total_steps(num_steps: int | None, epochs: int | None, train_data: Any) -> int:
-    if not hasattr(train_data, "get_state") or not hasattr(train_data, "__next__"):
-        raise TypeError(
-            f"fit: train_data must be a lepton_jax.data.BatchIterator, got {type(train_data).__name__}"
-        )
+def _total_steps(num_steps: int | None, epochs: int | None, data: Any) -> int:
+    if not hasattr(data, "__next__"):
+        raise TypeError(f"fit: data must be an iterator of batches (a data.BatchIterator), got {type(data).__name__}")
     if (num_steps is None) == (epochs is None):
         raise ValueError(f"fit: give exactly one of num_steps and epochs, got num_steps={num_steps}, epochs={epochs}")
     if num_steps is not None:
@@ -222,13 +151,9 @@ def _total_steps(num_steps: int | None, epochs: int | None, train_data: Any) -> 
         return num_steps
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"fit: epochs must be a positive int, got {epochs!r}")
-    return epochs * train_data.steps_per_epoch
+    if not hasattr(data, "steps_per_epoch"):
+        raise TypeError(f"fit: epochs needs data with steps_per_epoch (a data.BatchIterator), got {type(data).__name__}")
+    return epochs * data.steps_per_epoch
 
 
-def _progress_bar(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
-
-
-__all__ = ["FitResult", "fit"]
+__all__ = ["FitResult", "Loop", "fit"]

@@ -41,8 +41,9 @@ def run_train(out: str, steps: int, resume: bool) -> None:
         return state, metrics
 
     batches = data.BatchIterator(dataset, 16, seed=1)
-    result = train.fit(state, slow_step, batches, num_steps=steps, log_every=1, output_dir=out, resume=resume,
-                       checkpoint_every=1000, progress=False, tensorboard=False, plot=False)
+    hooks = train.default_hooks(out, log_every=1, resume=resume, checkpoint_every=1000, progress=False,
+                                tensorboard=False, plot=False)
+    result = train.fit(state, slow_step, batches, num_steps=steps, hooks=hooks)
     print(f"PREEMPTED {int(result.state.step)}" if result.preempted else "DONE", flush=True)
 
 

@@ -141,9 +141,10 @@ def test_quantization_aware_training_with_fit():
         if name == "qat":
             assert "quant_stats" in state.model_state  # activation ranges, updated by the train step
         loss = train.classification_loss()
+        hooks = train.default_hooks(eval_step=train.make_eval_step(model, loss, num_classes=10),
+                                    eval_data=test_split, eval_every=300, progress=False)
         result = train.fit(state, train.make_train_step(model, tx, loss), data.BatchIterator(train_split, 64),
-                           num_steps=300, progress=False, eval_step=train.make_eval_step(model, loss, num_classes=10),
-                           eval_data=test_split, eval_every=300)
+                           num_steps=300, hooks=hooks)
         accuracies[name] = result.eval_metrics["accuracy"]
         if name == "qat":
             deployed = quant.quantize(models.MLPClassifier(), {"params": result.state.params}, train_split["image"][:1],

@@ -160,16 +160,16 @@ def test_resume_reproduces_uninterrupted_losses_exactly(tmp_path):
         return state, step, data.BatchIterator(split, 16, seed=5)
 
     state, step, batches = fresh()
-    full = train.fit(state, step, batches, num_steps=steps, log_every=1, progress=False, plot=False)
+    full = train.fit(state, step, batches, num_steps=steps, hooks=train.default_hooks(log_every=1, progress=False))
 
     out = str(tmp_path / "run")
     state, step, batches = fresh()
-    first = train.fit(state, step, batches, num_steps=steps // 2, log_every=1, output_dir=out,
-                      checkpoint_every=steps // 2, progress=False, tensorboard=False, plot=False)
+    first = train.fit(state, step, batches, num_steps=steps // 2, hooks=train.default_hooks(
+        out, log_every=1, checkpoint_every=steps // 2, progress=False, tensorboard=False, plot=False))
     assert first.resumed_from is None
     state, step, batches = fresh()  # a new process would start from scratch like this
-    second = train.fit(state, step, batches, num_steps=steps, log_every=1, output_dir=out,
-                       resume=True, progress=False, tensorboard=False, plot=False)
+    second = train.fit(state, step, batches, num_steps=steps, hooks=train.default_hooks(
+        out, log_every=1, resume=True, progress=False, tensorboard=False, plot=False))
     assert second.resumed_from == steps // 2
 
     def losses(history):
@@ -185,8 +185,8 @@ def test_fit_logs_jsonl_tensorboard_plot_and_evaluates(tmp_path):
     model, tx, state, loss_fn, step = _cnn_setup()
     eval_step = train.make_eval_step(model, loss_fn, num_classes=4)
     out = str(tmp_path / "run")
-    result = train.fit(state, step, data.BatchIterator(split, 16), epochs=2, eval_step=eval_step,
-                       eval_data=split, eval_batch_size=32, log_every=2, output_dir=out, progress=False)
+    result = train.fit(state, step, data.BatchIterator(split, 16), epochs=2, hooks=train.default_hooks(
+        out, eval_step=eval_step, eval_data=split, eval_batch_size=32, log_every=2, progress=False))
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["step"] for r in rows if r["split"] == "train"] == [2, 4, 6, 8, 10]
     assert [r["step"] for r in rows if r["split"] == "eval"] == [5, 10]
@@ -230,10 +230,18 @@ def test_bad_input_raises_clear_errors():
         bad_loss(state, batch)
     batches = data.BatchIterator(batch, 4)
     with pytest.raises(ValueError, match="exactly one of num_steps and epochs"):
-        train.fit(state, step, batches, num_steps=2, epochs=1, progress=False)
-    with pytest.raises(TypeError, match="train_data must be a lepton_jax.data.BatchIterator"):
-        train.fit(state, step, [batch], num_steps=2, progress=False)
+        train.fit(state, step, batches, num_steps=2, epochs=1)
+    with pytest.raises(TypeError, match=r"data must be an iterator of batches .*, got list"):
+        train.fit(state, step, [batch], num_steps=2)
+    with pytest.raises(TypeError, match="hooks must be train.Hook objects or callables fn\\(loop\\), got int"):
+        train.fit(state, step, batches, num_steps=2, hooks=[3])
     with pytest.raises(ValueError, match="log_every must be a positive int, got 0"):
-        train.fit(state, step, batches, num_steps=2, log_every=0, progress=False)
+        train.default_hooks(log_every=0)
+    with pytest.raises(ValueError, match="TrainMetrics: every must be a positive int, got 2.5"):
+        train.TrainMetrics(every=2.5)
     with pytest.raises(ValueError, match="need an output_dir"):
-        train.fit(state, step, batches, num_steps=2, resume=True, progress=False)
+        train.default_hooks(resume=True)
+    with pytest.raises(ValueError, match="EarlyStopping: mode must be 'min' or 'max', got 'lowest'"):
+        train.EarlyStopping("loss", mode="lowest")
+    with pytest.raises(ValueError, match="EarlyStopping: patience must be a positive int, got 0"):
+        train.EarlyStopping("loss", patience=0)
