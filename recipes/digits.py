@@ -97,8 +97,7 @@ def build_model(name: str, hidden: str = ""):
 
 def load_teacher(directory: str, seed: int):
     """``images -> logits`` of a model this recipe trained (its latest checkpoint)."""
-    ckpt_dir = os.path.join(directory, "checkpoints") if os.path.isdir(os.path.join(directory, "checkpoints")) \
-        else directory
+    ckpt_dir = checkpoint.paths.checkpoint_dir(directory, where="digits: --teacher")
     with checkpoint.CheckpointManager(ckpt_dir, async_save=False) as manager:
         teacher_config = manager.extra()["config"]
     if int(teacher_config["seed"]) != seed:

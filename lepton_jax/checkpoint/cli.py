@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lepton_jax.checkpoint import paths
 from lepton_jax.checkpoint.safetensors_io import flatten, load_safetensors, path_str, save_safetensors, safetensors_metadata
 
 PyTree = Any
@@ -59,23 +60,14 @@ class CheckpointCommandError(Exception):
 # -- reading ------------------------------------------------------------------
 
 
-def _has_steps(path: str) -> bool:
-    return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
-
-
 @contextlib.contextmanager
 def _open(directory: str | os.PathLike) -> Iterator[tuple[ocp.CheckpointManager, str]]:
-    path = os.path.abspath(os.fspath(directory))
-    if not os.path.exists(path):
-        raise CheckpointCommandError(f"no such directory {path}")
-    if not os.path.isdir(path):
-        raise CheckpointCommandError(f"{path} is not a directory")
-    if not _has_steps(path) and _has_steps(os.path.join(path, "checkpoints")):
-        path = os.path.join(path, "checkpoints")
-    handlers = {"state": ocp.PyTreeCheckpointHandler(), "extra": ocp.JsonCheckpointHandler(),
-                "layout": ocp.JsonCheckpointHandler()}
+    try:
+        path = paths.checkpoint_dir(directory)
+    except FileNotFoundError as error:
+        raise CheckpointCommandError(str(error)) from None
     options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
-    manager = ocp.CheckpointManager(path, item_handlers=handlers, options=options)
+    manager = ocp.CheckpointManager(path, item_handlers=paths.item_handlers(), options=options)
     try:
         if not manager.all_steps():
             raise CheckpointCommandError(f"{path} is not a checkpoint directory (it has no step directories)")
@@ -85,12 +77,10 @@ def _open(directory: str | os.PathLike) -> Iterator[tuple[ocp.CheckpointManager,
 
 
 def _resolve(manager: ocp.CheckpointManager, path: str, step: int | None) -> int:
-    steps = sorted(manager.all_steps())
-    if step is None:
-        return steps[-1]
-    if step not in steps:
-        raise CheckpointCommandError(f"no step {step} in {path}; steps are {steps}")
-    return step
+    try:
+        return paths.resolve_step(manager.all_steps(), step, path)
+    except FileNotFoundError as error:
+        raise CheckpointCommandError(str(error)) from None
 
 
 def _is_array_metadata(x: Any) -> bool:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import atexit
 import math
 import os
-import re
 import threading
 import time
 import warnings
@@ -35,6 +34,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from lepton_jax._pytree import path_str as _path_str
+from lepton_jax.checkpoint import paths
 
 PyTree = Any
 # Managers with a save that may still be in flight (strong references, so a
@@ -55,8 +55,6 @@ def _finish_pending_saves() -> None:
 # interpreter; threading's exit hooks run before that (last registered
 # first), atexit's only after. Fall back to atexit where the hook is absent.
 getattr(threading, "_register_atexit", atexit.register)(_finish_pending_saves)
-_STEP_DIR = re.compile(r"^\d+$")
-_TMP_DIR = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 
 
 class CheckpointManager:
@@ -126,10 +124,8 @@ class CheckpointManager:
             best_fn=lambda m: 0.0 if best_metric is None else float(m.get(best_metric, 0.0)),
             best_mode=best_mode,
         )
-        handlers = {"state": ocp.PyTreeCheckpointHandler(), "extra": ocp.JsonCheckpointHandler(),
-                    "layout": ocp.JsonCheckpointHandler()}
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
-        for name in _incomplete_dirs(self.directory):
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=paths.item_handlers())
+        for name in paths.incomplete_steps(self.directory):
             warnings.warn(f"CheckpointManager: skipping incomplete checkpoint {os.path.join(self.directory, name)} "
                           "(a save that never finished)", stacklevel=2)
 
@@ -322,12 +318,7 @@ class CheckpointManager:
         return steps
 
     def _resolve(self, step: int | None, where: str) -> int:
-        steps = self._resolve_all(where)
-        if step is None:
-            return steps[-1]
-        if int(step) not in steps:
-            raise FileNotFoundError(f"CheckpointManager.{where}: no step {step} in {self.directory}; steps are {steps}")
-        return int(step)
+        return paths.resolve_step(self._resolve_all(where), step, self.directory, where=f"CheckpointManager.{where}")
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -346,13 +337,8 @@ def restore(directory: str | os.PathLike, step: int | None = None, *, target: Py
     directories); a run's output directory with a ``checkpoints/`` inside
     also works.
     """
-    directory = os.path.abspath(os.fspath(directory))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"checkpoint.restore: no such directory {directory!r}")
-    nested = os.path.join(directory, "checkpoints")
-    if not _has_steps(directory) and os.path.isdir(nested):
-        directory = nested
-    elif not _has_steps(directory) and os.path.exists(os.path.join(directory, "_METADATA")):
+    directory = paths.checkpoint_dir(directory, where="checkpoint.restore")
+    if not paths.has_steps(directory) and os.path.exists(os.path.join(directory, "_METADATA")):
         if step is not None:
             raise ValueError(f"checkpoint.restore: {directory} is a single pytree checkpoint (no steps); got step={step}")
         return _restore_single(directory, target, mesh, rules, params_only, dtype)
@@ -388,16 +374,6 @@ def _restore_single(directory: str, target, mesh, rules, params_only: bool, dtyp
 
 
 # -- helpers ------------------------------------------------------------------
-
-
-def _has_steps(directory: str) -> bool:
-    return any(_STEP_DIR.match(name) for name in os.listdir(directory))
-
-
-def _incomplete_dirs(directory: str) -> list[str]:
-    if not os.path.isdir(directory):
-        return []
-    return sorted(name for name in os.listdir(directory) if _TMP_DIR.match(name))
 
 
 def _layout(state: PyTree, logical_axes: PyTree | None) -> dict[str, Any]:

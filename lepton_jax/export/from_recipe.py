@@ -45,7 +45,7 @@ def export_recipe(recipe: str, ckpt_dir: str | os.PathLike, out_dir: str | os.Pa
         raise ValueError(f"export_recipe: recipe must be one of {RECIPES}, got {recipe!r}")
     from lepton_jax import checkpoint  # lazy: orbax is only needed here, not to load an export
 
-    ckpt_dir = _checkpoint_dir(ckpt_dir)
+    ckpt_dir = checkpoint.paths.checkpoint_dir(ckpt_dir, where="export_recipe")
     with checkpoint.CheckpointManager(ckpt_dir, async_save=False) as manager:
         steps = manager.all_steps()
         if not steps:
@@ -77,15 +77,6 @@ def export_recipe(recipe: str, ckpt_dir: str | os.PathLike, out_dir: str | os.Pa
             export_decoder(path, quantized.model, variables, platforms=platforms,
                            tokenizer="bytes", rebuild=quantized.flat_variables()[1])
     return path
-
-
-def _checkpoint_dir(ckpt_dir: str | os.PathLike) -> str:
-    ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
-    if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"export_recipe: no such checkpoint directory {ckpt_dir!r}")
-    nested = os.path.join(ckpt_dir, "checkpoints")
-    has_steps = any(name.isdigit() for name in os.listdir(ckpt_dir))
-    return nested if not has_steps and os.path.isdir(nested) else ckpt_dir
 
 
 def _import_recipe(name: str):

@@ -4,7 +4,6 @@ shardings the rules give; and on a 1-device machine with no arguments."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from lepton_jax import data, models, prune, train
+from lepton_jax import data, prune, train
 from recipes import digits
 
 

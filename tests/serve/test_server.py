@@ -194,7 +194,6 @@ def test_bucket_sizes():
 
 @pytest.mark.slow
 def test_command_line_serves_and_stops_on_sigterm(tmp_path, subprocess_env):
-    import os
     import signal
     import subprocess
     import sys
