@@ -134,7 +134,7 @@ def run(config: DigitsConfig) -> dict:
         total_steps=total_steps,
     )
     tx = optim.make_optimizer(optim.OptimizerConfig(
-        name="adamw", learning_rate=schedule, weight_decay=config.weight_decay, clip_norm=1.0,
+        name="adamw", learning_rate=schedule, weight_decay=config.weight_decay, decay_mask="auto", clip_norm=1.0,
     ))
     state = train.create_train_state(model, tx, train_split["image"][:1], seed=config.seed)
     loss_fn = train.classification_loss(label_smoothing=config.label_smoothing)

@@ -103,7 +103,7 @@ def build(run: RunConfig):
                                     warmup_steps=min(warmup, run.steps // 5), total_steps=run.steps,
                                     end_lr=run.learning_rate / 10)
     tx = optim.make_optimizer(optim.OptimizerConfig(name="adamw", learning_rate=schedule, b2=0.95,
-                                                    weight_decay=run.weight_decay, clip_norm=1.0))
+                                                    weight_decay=run.weight_decay, decay_mask="auto", clip_norm=1.0))
     return run, models.GPT(model_config), tx
 
 

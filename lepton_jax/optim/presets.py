@@ -1,10 +1,11 @@
-"""Named optimizers: optax chains of clipping, weight decay, the update rule,
-parameter EMA and gradient accumulation, built from one frozen config."""
+"""Named optimizers: optax chains of clipping, L2, the update rule, decoupled
+weight decay, the learning rate, parameter EMA and gradient accumulation,
+built from one frozen config. ``optim.adamw(1e-3)`` is ``optax.adamw(1e-3)``."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import optax
 
@@ -12,21 +13,22 @@ from lepton_jax.optim.ema import parameter_ema
 from lepton_jax.optim.masks import decay_mask
 from lepton_jax.optim.schedules import ScheduleConfig, make_schedule
 
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "adagrad", "lion", "adafactor")
-
-
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """An optimizer by name.
+    """An optimizer by name, meaning what the optax alias of that name means.
 
     ``learning_rate`` is a float or a ``ScheduleConfig``. ``b1``/``b2``/``eps``
     of ``None`` take the optimizer's own default. ``weight_decay`` is
-    decoupled for adamw, lion and adafactor and coupled (added to the gradient,
-    i.e. L2) for the others; ``decay_mask="auto"`` skips biases and norm
-    scales, ``None`` decays everything. ``clip_norm`` clips the gradient's
-    global norm first. ``accumulate_steps > 1`` averages that many
-    micro-batch gradients per update (``optax.MultiSteps``). ``ema_decay``
-    keeps a parameter EMA (read it with ``ema_params``).
+    decoupled weight decay (``optax.add_decayed_weights`` after the update
+    rule), taken by adamw, lion and adafactor; ``None`` is optax's default
+    (adamw 1e-4, lion 1e-3, adafactor none). ``l2`` adds ``l2 * params`` to the
+    gradient before the update rule (plain L2 regularization) for any
+    optimizer. ``decay_mask``: ``None`` decays every parameter (optax's
+    default), ``"auto"`` skips biases and norm scales (``optim.decay_mask``).
+    ``clip_norm`` clips the gradient's global norm first.
+    ``accumulate_steps > 1`` averages that many micro-batch gradients per
+    update (``optax.MultiSteps``). ``ema_decay`` keeps a parameter EMA (read
+    it with ``ema_params``).
     """
 
     name: str = "adamw"
@@ -35,8 +37,9 @@ class OptimizerConfig:
     b2: float | None = None
     eps: float | None = None
     momentum: float = 0.9
-    weight_decay: float = 0.0
-    decay_mask: str | None = "auto"
+    weight_decay: float | None = None
+    l2: float = 0.0
+    decay_mask: str | None = None
     clip_norm: float | None = None
     accumulate_steps: int = 1
     ema_decay: float | None = None
@@ -46,55 +49,78 @@ def _kwargs(**maybe) -> dict[str, Any]:
     return {k: v for k, v in maybe.items() if v is not None}
 
 
-def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
-    """Builds the optax transformation ``config`` describes."""
+# The update rule of each name, without weight decay or the learning rate:
+# the transforms optax's alias of that name chains before them.
+_RULES: dict[str, Callable[[OptimizerConfig], list[optax.GradientTransformation]]] = {
+    "sgd": lambda c: [],
+    "momentum": lambda c: [optax.trace(decay=c.momentum)],
+    "nesterov": lambda c: [optax.trace(decay=c.momentum, nesterov=True)],
+    "adam": lambda c: [optax.scale_by_adam(**_kwargs(b1=c.b1, b2=c.b2, eps=c.eps))],
+    "adamw": lambda c: [optax.scale_by_adam(**_kwargs(b1=c.b1, b2=c.b2, eps=c.eps))],
+    "adagrad": lambda c: [optax.scale_by_rss(initial_accumulator_value=0.1, **_kwargs(eps=c.eps))],
+    "lion": lambda c: [optax.scale_by_lion(**_kwargs(b1=c.b1, b2=c.b2))],
+}
+# Decoupled weight decay: optax's default for the names that take it.
+_DECOUPLED_DEFAULT = {"adamw": 1e-4, "lion": 1e-3, "adafactor": None}
+OPTIMIZERS = (*_RULES, "adafactor")
+
+
+def _learning_rate(config: OptimizerConfig) -> float | optax.Schedule:
+    if isinstance(config.learning_rate, ScheduleConfig):
+        return make_schedule(config.learning_rate)
+    if isinstance(config.learning_rate, (int, float)) and config.learning_rate >= 0:
+        return float(config.learning_rate)
+    raise ValueError(
+        f"make_optimizer: learning_rate must be a float >= 0 or a ScheduleConfig, got {config.learning_rate!r}"
+    )
+
+
+def _check(config: OptimizerConfig) -> None:
     if config.name not in OPTIMIZERS:
         raise ValueError(f"make_optimizer: unknown name {config.name!r}; expected one of {OPTIMIZERS}")
-    if isinstance(config.learning_rate, ScheduleConfig):
-        lr = make_schedule(config.learning_rate)
-    elif isinstance(config.learning_rate, (int, float)) and config.learning_rate >= 0:
-        lr = float(config.learning_rate)
-    else:
-        raise ValueError(
-            f"make_optimizer: learning_rate must be a float >= 0 or a ScheduleConfig, got {config.learning_rate!r}"
-        )
-    if config.weight_decay < 0:
-        raise ValueError(f"make_optimizer: weight_decay must be >= 0, got {config.weight_decay}")
+    if config.weight_decay is not None:
+        if config.name not in _DECOUPLED_DEFAULT:
+            raise ValueError(
+                f"make_optimizer: weight_decay is decoupled weight decay, which {config.name!r} does not take "
+                f"(optax.{config.name} has none); use one of {tuple(_DECOUPLED_DEFAULT)}, or l2={config.weight_decay} "
+                "to add L2 to the gradient")
+        if config.weight_decay < 0:
+            raise ValueError(f"make_optimizer: weight_decay must be >= 0, got {config.weight_decay}")
+    if config.l2 < 0:
+        raise ValueError(f"make_optimizer: l2 must be >= 0, got {config.l2}")
     if not isinstance(config.accumulate_steps, int) or config.accumulate_steps < 1:
         raise ValueError(f"make_optimizer: accumulate_steps must be an int >= 1, got {config.accumulate_steps!r}")
     if config.decay_mask not in ("auto", None):
         raise ValueError(f"make_optimizer: decay_mask must be 'auto' or None, got {config.decay_mask!r}")
     if config.clip_norm is not None and config.clip_norm <= 0:
         raise ValueError(f"make_optimizer: clip_norm must be > 0, got {config.clip_norm}")
+
+
+def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+    """Builds the optax chain ``config`` describes: clipping, L2, the update
+    rule, decoupled weight decay, the learning rate, then the parameter EMA,
+    all inside gradient accumulation when asked."""
+    _check(config)
+    lr = _learning_rate(config)
     mask = decay_mask if config.decay_mask == "auto" else None
-    wd = config.weight_decay
-    betas = _kwargs(b1=config.b1, b2=config.b2, eps=config.eps)
+    weight_decay = _DECOUPLED_DEFAULT.get(config.name) if config.weight_decay is None else config.weight_decay
 
     parts: list[optax.GradientTransformation] = []
     if config.clip_norm is not None:
         parts.append(optax.clip_by_global_norm(config.clip_norm))
-    coupled = config.name in ("sgd", "momentum", "nesterov", "adam", "adagrad")
-    if coupled and wd > 0:
-        parts.append(optax.add_decayed_weights(wd, mask))
-    name = config.name
-    if name == "sgd":
-        parts.append(optax.sgd(lr))
-    elif name in ("momentum", "nesterov"):
-        parts.append(optax.sgd(lr, momentum=config.momentum, nesterov=name == "nesterov"))
-    elif name == "adam":
-        parts.append(optax.adam(lr, **betas))
-    elif name == "adamw":
-        parts.append(optax.adamw(lr, weight_decay=wd, mask=mask, **betas))
-    elif name == "adagrad":
-        parts.append(optax.adagrad(lr, **_kwargs(eps=config.eps)))
-    elif name == "lion":
-        parts.append(optax.lion(lr, weight_decay=wd, mask=mask, **_kwargs(b1=config.b1, b2=config.b2)))
-    else:  # adafactor
-        parts.append(optax.adafactor(lr, weight_decay_rate=wd or None, weight_decay_mask=mask,
+    if config.l2 > 0:
+        parts.append(optax.add_decayed_weights(config.l2, mask))
+    if config.name == "adafactor":  # its own chain: factored second moments, clipping, decay, the rate
+        parts.append(optax.adafactor(lr, weight_decay_rate=weight_decay or None, weight_decay_mask=mask,
                                      **_kwargs(eps=config.eps)))
+    else:
+        parts += _RULES[config.name](config)
+        if weight_decay:
+            parts.append(optax.add_decayed_weights(weight_decay, mask))
+        parts.append(optax.scale_by_learning_rate(lr))
     if config.ema_decay is not None:
         parts.append(parameter_ema(config.ema_decay))
-    tx = optax.chain(*parts) if len(parts) > 1 else parts[0]
+    tx = optax.chain(*parts)
     if config.accumulate_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=config.accumulate_steps).gradient_transformation()
     return tx

@@ -36,19 +36,19 @@ SCHEDULE = optim.ScheduleConfig(name="cosine", peak_lr=0.1, warmup_steps=2, tota
 SCHED_FN = optax.warmup_cosine_decay_schedule(0.0, 0.1, 2, 10, 0.0)
 
 CASES = {
-    "sgd": (optim.OptimizerConfig(name="sgd", learning_rate=0.1, weight_decay=0.01),
+    "sgd": (optim.OptimizerConfig(name="sgd", learning_rate=0.1, l2=0.01, decay_mask="auto"),
             optax.chain(optax.add_decayed_weights(0.01, MASK), optax.sgd(0.1))),
-    "momentum": (optim.OptimizerConfig(name="momentum", learning_rate=0.1, momentum=0.8, decay_mask=None,
-                                       weight_decay=0.01),
+    "momentum": (optim.OptimizerConfig(name="momentum", learning_rate=0.1, momentum=0.8, l2=0.01),
                  optax.chain(optax.add_decayed_weights(0.01), optax.sgd(0.1, momentum=0.8))),
     "nesterov": (optim.OptimizerConfig(name="nesterov", learning_rate=0.1),
                  optax.sgd(0.1, momentum=0.9, nesterov=True)),
     "adam": (optim.OptimizerConfig(name="adam", learning_rate=SCHEDULE, b1=0.8, clip_norm=1.0),
              optax.chain(optax.clip_by_global_norm(1.0), optax.adam(SCHED_FN, b1=0.8))),
-    "adamw": (optim.OptimizerConfig(name="adamw", learning_rate=SCHEDULE, weight_decay=0.1, clip_norm=0.5),
+    "adamw": (optim.OptimizerConfig(name="adamw", learning_rate=SCHEDULE, weight_decay=0.1, decay_mask="auto",
+                                    clip_norm=0.5),
               optax.chain(optax.clip_by_global_norm(0.5), optax.adamw(SCHED_FN, weight_decay=0.1, mask=MASK))),
     "adagrad": (optim.OptimizerConfig(name="adagrad", learning_rate=0.1), optax.adagrad(0.1)),
-    "lion": (optim.OptimizerConfig(name="lion", learning_rate=0.01, weight_decay=0.1),
+    "lion": (optim.OptimizerConfig(name="lion", learning_rate=0.01, weight_decay=0.1, decay_mask="auto"),
              optax.lion(0.01, weight_decay=0.1, mask=MASK)),
     "adafactor": (optim.OptimizerConfig(name="adafactor", learning_rate=0.01), optax.adafactor(0.01)),
 }
@@ -64,6 +64,32 @@ def test_presets_equal_optax_built_by_hand(name):
     options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in ("name", "learning_rate")}
     via_function, _ = _run(getattr(optim, name)(config.learning_rate, **options))
     chex.assert_trees_all_close(via_function, expected, rtol=1e-6, atol=1e-6)
+
+
+# Each preset with only a learning rate is the optax alias of the same name.
+ALIASES = {
+    "sgd": optax.sgd(0.1), "momentum": optax.sgd(0.1, momentum=0.9), "nesterov": optax.sgd(0.1, momentum=0.9, nesterov=True),
+    "adam": optax.adam(0.1), "adamw": optax.adamw(0.1), "adagrad": optax.adagrad(0.1), "lion": optax.lion(0.1),
+    "adafactor": optax.adafactor(0.1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALIASES))
+def test_presets_mean_what_the_optax_alias_means(name):
+    got, _ = _run(getattr(optim, name)(0.1))
+    expected, _ = _run(ALIASES[name])
+    chex.assert_trees_all_equal(got, expected)  # the same transforms in the same order: bitwise
+    assert set(optim.OPTIMIZERS) == set(ALIASES)
+
+
+def test_l2_is_coupled_and_weight_decay_decoupled():
+    # L2 goes through Adam's normalisation; adamw's decay does not.
+    l2, _ = _run(optim.adam(0.1, l2=0.01))
+    expected, _ = _run(optax.chain(optax.add_decayed_weights(0.01), optax.adam(0.1)))
+    chex.assert_trees_all_equal(l2, expected)
+    decoupled, _ = _run(optim.adamw(0.1, weight_decay=0.01))
+    chex.assert_trees_all_equal(decoupled, _run(optax.adamw(0.1, weight_decay=0.01))[0])
+    assert not np.allclose(l2["dense"]["kernel"], decoupled["dense"]["kernel"])
 
 
 def test_schedules_closed_form():
@@ -135,6 +161,10 @@ def test_bad_configs_raise():
         optim.make_optimizer(optim.OptimizerConfig(name="rmsprop"))
     with pytest.raises(ValueError, match="learning_rate must be a float >= 0 or a ScheduleConfig, got -1"):
         optim.make_optimizer(optim.OptimizerConfig(learning_rate=-1))
+    with pytest.raises(ValueError, match=r"weight_decay is decoupled weight decay, which 'adam' does not take .*l2=0.1"):
+        optim.adam(1e-3, weight_decay=0.1)
+    with pytest.raises(ValueError, match="l2 must be >= 0, got -1"):
+        optim.sgd(1e-3, l2=-1)
     with pytest.raises(ValueError, match="accumulate_steps must be an int >= 1, got 0"):
         optim.make_optimizer(optim.OptimizerConfig(accumulate_steps=0))
     with pytest.raises(ValueError, match="need 0 <= warmup_steps <= total_steps.*warmup_steps=20, total_steps=10"):
