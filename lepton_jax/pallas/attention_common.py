@@ -105,6 +105,14 @@ def attention_mask(config: AttentionConfig, q_start, kv_start, rows: int, cols: 
     return mask
 
 
+def kv_head(h: jax.Array, groups: int) -> jax.Array:
+    """The key/value head of query head ``h`` (a grid index) with ``groups``
+    query heads per kv head. Truncating division in ``h``'s own dtype: ``//``
+    would lower through ``sign`` (which Mosaic resolves against the TPU it
+    runs on), and a Python int divisor becomes int64 under ``jax_enable_x64``."""
+    return jax.lax.div(h, h.dtype.type(groups))
+
+
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 

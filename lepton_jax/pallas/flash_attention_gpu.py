@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from lepton_jax.pallas.attention_common import AttentionConfig, attention_mask, make_flash_attention
+from lepton_jax.pallas.attention_common import AttentionConfig, attention_mask, kv_head, make_flash_attention
 
 _F32 = jnp.float32
 
@@ -96,8 +96,8 @@ def forward(q, k, v, q_seg, kv_seg, config: AttentionConfig):
     G = config.num_groups
     in_specs = [
         pl.BlockSpec((None, None, block_q, D), lambda b, h, i: (b, h, i, 0)),
-        pl.BlockSpec((None, None, Skv, D), lambda b, h, i: (b, jax.lax.div(h, G), 0, 0)),
-        pl.BlockSpec((None, None, Skv, D), lambda b, h, i: (b, jax.lax.div(h, G), 0, 0)),
+        pl.BlockSpec((None, None, Skv, D), lambda b, h, i: (b, kv_head(h, G), 0, 0)),
+        pl.BlockSpec((None, None, Skv, D), lambda b, h, i: (b, kv_head(h, G), 0, 0)),
     ]
     args = [q, k, v]
     if config.has_segments:
@@ -188,7 +188,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, config: AttentionConfig):
     d_out = d_out.astype(q.dtype)
     full_q = pl.BlockSpec((None, None, Sq, D), lambda b, h, j: (b, h, 0, 0))
     full_rows = pl.BlockSpec((None, None, Sq), lambda b, h, j: (b, h, 0))
-    kv_block = pl.BlockSpec((None, None, block_k, D), lambda b, h, j: (b, jax.lax.div(h, G), j, 0))
+    kv_block = pl.BlockSpec((None, None, block_k, D), lambda b, h, j: (b, kv_head(h, G), j, 0))
     seg_specs_kv = [pl.BlockSpec((None, Sq), lambda b, h, j: (b, 0)),
                     pl.BlockSpec((None, block_k), lambda b, h, j: (b, j))]
     seg_args = [q_seg, kv_seg] if config.has_segments else []
@@ -206,7 +206,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, config: AttentionConfig):
 
     q_block = pl.BlockSpec((None, None, block_q, D), lambda b, h, i: (b, h, i, 0))
     row_block = pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i))
-    full_kv = pl.BlockSpec((None, None, Skv, D), lambda b, h, i: (b, jax.lax.div(h, G), 0, 0))
+    full_kv = pl.BlockSpec((None, None, Skv, D), lambda b, h, i: (b, kv_head(h, G), 0, 0))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, config=config, block_k=block_k, num_kv_blocks=Skv // block_k),
         grid=(B, H, Sq // block_q),

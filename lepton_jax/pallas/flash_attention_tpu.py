@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from lepton_jax.pallas.attention_common import AttentionConfig, attention_mask, make_flash_attention
+from lepton_jax.pallas.attention_common import AttentionConfig, attention_mask, kv_head, make_flash_attention
 
 _F32 = jnp.float32
 _LANES = 128
@@ -104,7 +104,7 @@ def forward(q, k, v, q_seg, kv_seg, config: AttentionConfig):
     Skv = k.shape[2]
     block_q, block_k, G = config.blocks.block_q, config.blocks.block_k, config.num_groups
     q_spec = pl.BlockSpec((None, None, block_q, D), lambda b, h, i, j: (b, h, i, 0))
-    kv_spec = pl.BlockSpec((None, None, block_k, D), lambda b, h, i, j: (b, jax.lax.div(h, G), j, 0))
+    kv_spec = pl.BlockSpec((None, None, block_k, D), lambda b, h, i, j: (b, kv_head(h, G), j, 0))
     seg_specs = _segment_specs(config, block_q, block_k, lambda b, h, i, j: (b, i, 0), lambda b, h, i, j: (b, 0, j))
     return pl.pallas_call(
         functools.partial(_forward_kernel, config=config),
@@ -185,7 +185,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, config: AttentionConfig):
     # dk, dv: grid (b, h, kv block j, q block i), i is the reduction.
     q_spec = pl.BlockSpec((None, None, block_q, D), lambda b, h, j, i: (b, h, i, 0))
     row_spec = pl.BlockSpec((None, None, block_q, 1), lambda b, h, j, i: (b, h, i, 0))
-    kv_spec = pl.BlockSpec((None, None, block_k, D), lambda b, h, j, i: (b, jax.lax.div(h, G), j, 0))
+    kv_spec = pl.BlockSpec((None, None, block_k, D), lambda b, h, j, i: (b, kv_head(h, G), j, 0))
     dkv_spec = pl.BlockSpec((None, None, block_k, D), lambda b, h, j, i: (b, h, j, 0))
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, config=config),
@@ -204,7 +204,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, config: AttentionConfig):
     # dq: grid (b, h, q block i, kv block j), j is the reduction.
     q_spec = pl.BlockSpec((None, None, block_q, D), lambda b, h, i, j: (b, h, i, 0))
     row_spec = pl.BlockSpec((None, None, block_q, 1), lambda b, h, i, j: (b, h, i, 0))
-    kv_spec = pl.BlockSpec((None, None, block_k, D), lambda b, h, i, j: (b, jax.lax.div(h, G), j, 0))
+    kv_spec = pl.BlockSpec((None, None, block_k, D), lambda b, h, i, j: (b, kv_head(h, G), j, 0))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, config=config),
         grid=(B, H, Sq // block_q, Skv // block_k),

@@ -123,7 +123,9 @@ def _backward_kernel(*refs, config: NormConfig, block_rows: int, blocks_per_prog
         return dscale + jnp.sum(dy * xhat, axis=0, keepdims=True), dbias + jnp.sum(dy, axis=0, keepdims=True)
 
     zeros = jnp.zeros((1, width), _F32)
-    dscale, dbias = jax.lax.fori_loop(0, blocks_per_program, body, (zeros, zeros))
+    # int32 bounds: under jax_enable_x64 Python ints would make the index int64,
+    # which Mosaic cannot multiply with the int32 program ids.
+    dscale, dbias = jax.lax.fori_loop(jnp.int32(0), jnp.int32(blocks_per_program), body, (zeros, zeros))
     dscale_ref[...] = dscale
     if config.has_bias:
         dbias_ref[...] = dbias

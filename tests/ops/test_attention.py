@@ -153,6 +153,20 @@ def test_fully_masked_rows_give_zeros_not_nan(backend, monkeypatch):
         assert np.abs(np.asarray(out[:, 4:6])).max() > 0
 
 
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_kernels_under_x64(backend, monkeypatch):
+    """With 64-bit mode on globally, the kernels give what the reference gives
+    for the same input dtypes: odd shapes, GQA, segment ids, causal (a grid
+    index divided by a Python int became int64 there and failed)."""
+    with jax.enable_x64(True):
+        _check_kernel_against_reference(backend, monkeypatch, seed=5, causal=True, segments=True, groups=2,
+                                        Sq=45, Skv=77, D=64, dtype=jnp.float32, block_sizes=BlockSizes(16, 16, 16, 32))
+        _check_kernel_against_reference(backend, monkeypatch, seed=6, causal=False, segments=False, groups=4,
+                                        Sq=13, Skv=9, D=80, dtype=jnp.bfloat16)
+        if backend == "tpu":
+            test_tpu_kernels_lower_for_the_tpu_platform()
+
+
 def test_tpu_kernels_lower_for_the_tpu_platform():
     q = jax.ShapeDtypeStruct((1, 200, 4, 128), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((1, 300, 2, 128), jnp.bfloat16)

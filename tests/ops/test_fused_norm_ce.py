@@ -41,6 +41,10 @@ def _norm_fn(kind, implementation, with_residual):
        hidden=st.sampled_from([128, 200, 384, 1000]), with_residual=st.booleans(),
        dtype=st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]), seed=st.integers(0, 50))
 def test_norm_kernels_match_reference(backend, kind, lead, hidden, with_residual, dtype, seed):
+    _check_norm(backend, kind, lead, hidden, with_residual, dtype, seed)
+
+
+def _check_norm(backend, kind, lead, hidden, with_residual, dtype, seed):
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setenv("LEPTON_PALLAS_BACKEND", backend)
         rng = np.random.default_rng(seed)  # numpy draws: a jax.random draw of a new shape compiles anew
@@ -210,3 +214,19 @@ def test_tpu_kernels_lower_for_the_tpu_platform():
     s = jax.ShapeDtypeStruct((1000,), jnp.float32)
     lowered = jax.jit(jax.grad(norm_loss, argnums=(0, 1, 2, 3))).trace(x, x, s, s).lower(lowering_platforms=("tpu",))
     assert lowered.as_text().count("tpu_custom_call") == 2  # forward, backward
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_kernels_under_x64(backend):
+    """With 64-bit mode on globally (as scientific users run JAX), the norm and
+    cross-entropy kernels give what the reference gives for the same input
+    dtypes, and the TPU kernels still lower."""
+    with jax.enable_x64(True):
+        _check_norm(backend, "layer", [3, 5], 200, True, jnp.float32, 1)
+        _check_norm(backend, "rms", [7], 128, False, jnp.bfloat16, 2)
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            monkeypatch.setenv("LEPTON_PALLAS_BACKEND", backend)
+            _check_linear_ce("pallas", 37, 16, 300, 64, 0.1, 1e-3, 3, "mean", jnp.float32, 3)
+        _check_linear_ce("chunked", 37, 16, 300, 64, 0.1, 1e-3, 3, "none", jnp.float32, 4)
+        if backend == "tpu":
+            test_tpu_kernels_lower_for_the_tpu_platform()
