@@ -12,17 +12,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
-import pkgutil
 import sys
 from typing import Sequence
-
-
-def _recipes() -> list[str]:
-    spec = importlib.util.find_spec("recipes")
-    if spec is None or not spec.submodule_search_locations:
-        return []
-    return sorted(m.name for m in pkgutil.iter_modules(spec.submodule_search_locations) if not m.name.startswith("_"))
 
 
 def _info() -> int:
@@ -45,17 +36,18 @@ def _info() -> int:
 
 
 def _train(recipe: str | None, overrides: list[str], list_only: bool) -> int:
-    available = _recipes()
+    from lepton_jax import registry
+
+    # Recipes register themselves (the lepton_jax.recipes entry points): the
+    # library knows none by name, and a user's package can add its own.
+    available = registry.names()
     if list_only or recipe is None:
         print("recipes:", ", ".join(available) or "(none installed)")
         return 0 if list_only else 2
     if recipe not in available:
         print(f"lepton-jax train: unknown recipe {recipe!r}; available: {available}", file=sys.stderr)
         return 2
-    # Recipes are run, not imported by the library: the dependency points from
-    # recipes to lepton_jax only.
-    module = importlib.import_module(f"recipes.{recipe}")
-    module.main(overrides)
+    registry.get(recipe).main(overrides)
     return 0
 
 
@@ -70,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                "(lepton-jax ckpt -h for more)")
     ckpt.add_argument("args", nargs=argparse.REMAINDER)
     export = commands.add_parser("export", help="export a recipe's checkpoint to a versioned model directory")
-    export.add_argument("--recipe", required=True, choices=("digits", "gpt"), help="the recipe that trained it")
+    export.add_argument("--recipe", required=True, help="the registered recipe that trained it (lepton-jax train --list)")
     export.add_argument("--ckpt", required=True, help="checkpoint directory (or the run's output directory)")
     export.add_argument("--out", required=True, help="model directory; a new version folder is added")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")

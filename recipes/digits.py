@@ -31,7 +31,7 @@ import numpy as np
 
 import lepton_jax
 from lepton_jax import config as config_lib
-from lepton_jax import checkpoint, data, models, ops, optim, train
+from lepton_jax import checkpoint, data, models, ops, optim, registry, train
 
 MODELS = ("mlp", "cnn", "lstm")
 
@@ -208,6 +208,34 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return {}
     return run(config_lib.override(DigitsConfig(), argv))
 
+
+def export(manager: checkpoint.CheckpointManager, step: int, config: dict) -> registry.ExportParts:
+    """The trained classifier for ``export_recipe``: images ``float32[b, 8, 8, 1]``
+    in [0, 1] -> logits ``[b, 10]``, the training split's normalization
+    recorded as preprocessing."""
+    model = build_model(config.get("model", "cnn"), config.get("hidden", ""))
+    # The full state: the CNN's BatchNorm statistics live in model_state.
+    state = manager.restore(step)
+    variables = {"params": state["params"], **dict(state.get("model_state") or {})}
+    normalizer = manager.extra(step).get("normalizer")
+    if normalizer is None:  # an older checkpoint: refit on the same training split
+        normalizer = load_splits(int(config.get("seed", 0)))[3].to_dict()
+
+    def digits_logits(variables, images_BxHxWxC):
+        return model.apply(variables, images_BxHxWxC, train=False)
+
+    def calibration() -> list[np.ndarray]:  # normalized training images, as the model saw them
+        images = load_splits(int(config.get("seed", 0)))[0]["image"]
+        return [images[i:i + 64] for i in range(0, 256, 64)]
+
+    return registry.ExportParts(
+        apply_fn=digits_logits, variables=variables, example=np.zeros((1, 8, 8, 1), np.float32),
+        input_names=("images",), output_names=("logits",), model=model, config=config,
+        preprocessing={"normalize": {"mean": normalizer["mean"], "std": normalizer["std"]}}, calibration=calibration)
+
+
+RECIPE = registry.Recipe(name="digits", main=main, export=export,
+                         description="an 8x8 digits classifier (MLP, CNN or LSTM) to >= 98% test accuracy")
 
 if __name__ == "__main__":
     main()

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lepton_jax import checkpoint, config as config_lib, data, models, optim, parallel, train
+from lepton_jax import checkpoint, config as config_lib, data, models, optim, parallel, registry, train
 
 MODEL_CONFIGS = {
     "tiny": models.GPTConfig(vocab_size=256, max_len=128, num_layers=4, num_heads=4, d_model=128, d_ff=512,
@@ -143,7 +143,7 @@ def train_run(run: RunConfig) -> dict:
         train.Evaluate(eval_step, val, every=run.eval_every, batch_size=min(run.batch_size, len(val["inputs"])),
                        transform=lambda m: {"bits_per_byte": m["loss"] / math.log(2)}),
         train.Checkpoint(run.out, every=run.eval_every, resume=run.resume,
-                         extra={"run": config_lib.to_dict(run) | {"dtype": run.dtype}},
+                         extra={"config": config_lib.to_dict(run) | {"dtype": run.dtype}},
                          logical_axes=parallel.param_logical_axes(model, example)),
         train.MetricFiles(run.out),
         train.PlotCurves(run.out),
@@ -181,6 +181,36 @@ def main(argv: Sequence[str] | None = None):
     run = config_lib.override(RunConfig(), argv)
     return generate_run(run) if run.generate else train_run(run)
 
+
+def export(manager: checkpoint.CheckpointManager, step: int, config: dict) -> registry.ExportParts:
+    """The trained GPT for ``export_recipe``: tokens ``int32[b, seq_len]`` ->
+    next-token logits ``[b, seq_len, vocab]``, plus a KV-cache decode step."""
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    run, model, _ = build(RunConfig(**{k: v for k, v in config.items() if k in fields}))
+    # "auto" picks a kernel from the exporting machine's backend at trace time;
+    # an artifact lowered for several platforms needs the portable XLA path.
+    model = model.clone(config=dataclasses.replace(model.config, attention_implementation="xla",
+                                                   norm_implementation="xla"))
+    params = manager.restore(step, params_only=True)
+
+    def gpt_logits(variables, tokens_BxS):
+        return model.apply(variables, tokens_BxS, train=False)
+
+    def calibration() -> list[np.ndarray]:  # training-split windows of the recipe's corpus
+        tokens = data.load_bytes(run.data.split(",") if run.data else None, max_bytes=run.max_bytes)
+        windows = data.eval_windows(data.split_tokens(tokens, 0.05)[0], run.seq_len, 32)["inputs"]
+        return [windows[i:i + 8] for i in range(0, len(windows), 8)]
+
+    return registry.ExportParts(
+        apply_fn=gpt_logits, variables={"params": params}, example=np.zeros((1, run.seq_len), np.int32),
+        input_names=("tokens",), output_names=("logits",), model=model, config=config, calibration=calibration,
+        # One static scale per activation, shared over batch and positions.
+        quantize_options={"module_path": models.GPT_QUANTIZED_MODULES, "act_batch_axes": (0, 1)},
+        decoder="bytes")
+
+
+RECIPE = registry.Recipe(name="gpt", main=main, export=export,
+                         description="a byte-level GPT on text (tiny to gpt2-124m configs), any mesh")
 
 if __name__ == "__main__":
     main()

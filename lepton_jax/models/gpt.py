@@ -302,3 +302,10 @@ def generate(model: GPT, params: Any, prompt: jax.Array, max_new_tokens: int, *,
         tokens.append(token)
         logits, cache = step(cache, token[:, None])
     return jnp.stack(tokens, axis=1)
+
+
+# The modules of a GPT that int8 quantization rewrites: the blocks'
+# projections and MLPs. The tied embedding also feeds a gather, which qwix
+# cannot take quantized, and the products of two activations inside
+# attention (module ``attention/core``) stay in float.
+GPT_QUANTIZED_MODULES = r"block_\d+/(attention|mlp)"

@@ -87,7 +87,7 @@ def test_gpt_export_matches_model_at_two_batch_sizes(tiny_gpt_run, tmp_path):
     assert model.signature["outputs"] == [{"name": "logits", "dtype": "float32", "shape": ["b", 64, 256]}]
 
     with checkpoint.CheckpointManager(os.path.join(run_dir, "checkpoints"), async_save=False) as manager:
-        run_config = manager.extra()["run"]
+        run_config = manager.extra()["config"]
     _, reference, _ = gpt.build(gpt.RunConfig(**run_config))
     params = checkpoint.restore(run_dir, params_only=True)
     apply = jax.jit(reference.apply)

@@ -13,7 +13,6 @@ import pytest
 
 from lepton_jax import checkpoint, data, models, quant
 from lepton_jax.export import export_recipe, load
-from lepton_jax.export.from_recipe import GPT_QUANTIZED_MODULES
 from recipes import digits, gpt
 
 
@@ -66,7 +65,7 @@ def gpt_run(tiny_gpt_run):
 
 def _run_config(run_dir: str) -> gpt.RunConfig:
     with checkpoint.CheckpointManager(os.path.join(run_dir, "checkpoints"), async_save=False) as manager:
-        return gpt.RunConfig(**manager.extra()["run"])
+        return gpt.RunConfig(**manager.extra()["config"])
 
 
 @pytest.mark.parametrize("mode", quant.MODES)
@@ -85,7 +84,7 @@ def test_tiny_gpt_keeps_its_loss(gpt_run, mode):
     # The blocks' projections and MLPs; the (tied) embedding and the
     # activation x activation products inside attention stay in float.
     quantized = quant.quantize(model, {"params": params}, windows["inputs"][:1], mode=mode, calibration=calibration,
-                               module_path=GPT_QUANTIZED_MODULES, act_batch_axes=(0, 1), apply_kwargs={})
+                               module_path=models.GPT_QUANTIZED_MODULES, act_batch_axes=(0, 1), apply_kwargs={})
     assert sum(x.dtype == jnp.int8 for x in jax.tree.leaves(quantized.variables)) == 4 * 6  # q, k, v, out, in, out
     assert abs(loss(quantized.apply) / full - 1) <= 0.02, (full, loss(quantized.apply))
     # One static scale per activation: other batch sizes and lengths work.
