@@ -12,6 +12,8 @@ import sys
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
+
+import lepton_jax  # noqa: E402
 os.environ.setdefault("XLA_FLAGS", "")
 
 project = "lepton_jax"
@@ -34,15 +36,14 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 suppress_warnings = ["mystnb.unknown_mime_type", "config.cache", "myst.header"]
 
-# Every public subpackage and the objects its __all__ exports.
-API_PACKAGES = ["lepton_jax.nn", "lepton_jax.ops", "lepton_jax.optim", "lepton_jax.data", "lepton_jax.train",
-                "lepton_jax.checkpoint", "lepton_jax.parallel", "lepton_jax.models", "lepton_jax.pallas",
-                "lepton_jax.config"]
-for optional in ("lepton_jax.export", "lepton_jax.prune", "lepton_jax.quant", "lepton_jax.serve"):  # noqa: E501
+# Every public subpackage and the objects its __all__ exports, plus the
+# public modules that are their own API (kernel dispatch, checkpoint paths).
+API_PACKAGES = []
+for _name in [*lepton_jax.SUBPACKAGES, "ops.dispatch", "checkpoint.paths"]:
     try:
-        importlib.import_module(optional)
-        API_PACKAGES.append(optional)
-    except ImportError:
+        importlib.import_module(f"lepton_jax.{_name}")
+        API_PACKAGES.append(f"lepton_jax.{_name}")
+    except ImportError:  # an optional dependency (serving) is not installed
         pass
 
 
@@ -70,7 +71,7 @@ def write_api_pages() -> None:
              "```{toctree}", ":maxdepth: 1", ""]
     for package in API_PACKAGES:
         module = importlib.import_module(package)
-        short = package.split(".", 1)[1]
+        short = package.split(".", 1)[1].replace(".", "_")
         lines = [f"# `{package}`", "", "```{eval-rst}", f".. automodule:: {package}", "   :no-members:", "```", ""]
         for name in _public_names(module):
             obj = getattr(module, name)

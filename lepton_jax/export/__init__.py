@@ -5,15 +5,15 @@
     logits = model(images)                                                  # any batch size
 
 ``export_recipe(recipe, ckpt_dir, out_dir)`` exports the checkpoint of a
-registered recipe (``lepton_jax.registry``). ``loader.py`` imports only jax and numpy, so a server can load a
-model without flax (importing it by file path skips ``lepton_jax/__init__``,
-which imports the whole framework).
+registered recipe (``lepton_jax.registry``). Names load lazily: ``from
+lepton_jax.export import load`` imports only ``loader.py`` (jax and numpy),
+so a server loads a model without flax, optax or orbax.
 """
 
-from lepton_jax.export.from_recipe import export_recipe
-from lepton_jax.export.generation import export_decoder
-from lepton_jax.export.loader import Generator, LoadedModel, list_versions, load
-from lepton_jax.export.model_dir import DEFAULT_PLATFORMS, export_model
+from lepton_jax import _lazy
 
-__all__ = ["DEFAULT_PLATFORMS", "Generator", "LoadedModel", "export_decoder", "export_model", "export_recipe",
-           "list_versions", "load"]
+_NAMES = {"Generator": "loader", "LoadedModel": "loader", "list_versions": "loader", "load": "loader",
+          "DEFAULT_PLATFORMS": "model_dir", "export_model": "model_dir", "export_decoder": "generation",
+          "export_recipe": "from_recipe"}
+__getattr__, __dir__ = _lazy.attach(__name__, names=_NAMES)
+__all__ = sorted(_NAMES)

@@ -62,7 +62,8 @@ def resolve_version_dir(model_dir: str | os.PathLike, version: int | None = None
     return os.path.join(model_dir, str(int(version))), int(version)
 
 
-def _numpy_dtype(name: str) -> np.dtype:
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a dtype name in a model's spec (``"bfloat16"`` included)."""
     return np.dtype(jax.numpy.dtype(name))  # jax knows the ml_dtypes names (bfloat16, float8_*)
 
 
@@ -76,7 +77,7 @@ def encode_array(x: Any) -> np.ndarray:
 
 def decode_array(stored: np.ndarray, dtype: str) -> np.ndarray:
     """Inverse of ``encode_array`` given the recorded dtype name."""
-    wanted = _numpy_dtype(dtype)
+    wanted = numpy_dtype(dtype)
     return stored if stored.dtype == wanted else stored.view(wanted)
 
 
@@ -123,7 +124,7 @@ class LoadedModel:
             batch = (spec["name"], x.shape[0])
             if preprocess:
                 x = _preprocess(self.signature.get("preprocessing") or {}, spec["name"], self.input_names, x)
-            prepared.append(x.astype(_numpy_dtype(spec["dtype"]), copy=False))
+            prepared.append(x.astype(numpy_dtype(spec["dtype"]), copy=False))
         return prepared
 
     @property
@@ -161,7 +162,7 @@ class Generator:
 
     def _empty_cache(self) -> list[jax.Array]:
         return [jax.device_put(np.zeros([1 if d == BATCH_SYMBOL else d for d in leaf["shape"]],
-                                        _numpy_dtype(leaf["dtype"])), self.device) for leaf in self.spec["cache"]]
+                                        numpy_dtype(leaf["dtype"])), self.device) for leaf in self.spec["cache"]]
 
     def check(self, prompt: Sequence[int], max_tokens: int, temperature: float, top_k: int) -> None:
         """Raises ``ValueError`` naming the argument that cannot be served."""
@@ -291,7 +292,7 @@ def _gather_inputs(names: Sequence[str], inputs: Sequence[Any], named: Mapping[s
 
 
 def _check_input(spec: Mapping[str, Any], x: Any) -> np.ndarray:
-    name, shape, dtype = spec["name"], spec["shape"], _numpy_dtype(spec["dtype"])
+    name, shape, dtype = spec["name"], spec["shape"], numpy_dtype(spec["dtype"])
     x = np.asarray(x)
     expected = f"{spec['dtype']}[{', '.join(map(str, shape))}]"
     got = f"{x.dtype}{list(x.shape)}"

@@ -1,10 +1,11 @@
-"""Functional ops: activations, losses, regularization, metrics, normalization.
+"""Functional ops: activations, losses, regularization, metrics, normalization,
+attention and the fused linear cross-entropy.
 
-Each op is a pure ``jax.numpy`` function (the reference implementation that
-later Pallas kernels are tested against).
+Each op is a pure ``jax.numpy`` function (the reference the Pallas kernels are
+tested against); ``dispatch`` chooses between the implementations.
 """
 
-from lepton_jax.ops import activations, attention as attention_ops, losses, metrics, normalization, regularization
+from lepton_jax.ops import activations, dispatch, losses, metrics, normalization, regularization
 from lepton_jax.ops.attention import attention, attention_reference
 from lepton_jax.ops.cross_entropy import linear_cross_entropy
 from lepton_jax.ops.activations import get_activation
@@ -30,8 +31,8 @@ from lepton_jax.ops.normalization import layer_norm, rms_norm
 from lepton_jax.ops.regularization import l1_penalty, l2_penalty, weight_mask
 
 __all__ = [
-    "MeanMetric", "accuracy", "activations", "attention", "attention_ops", "attention_reference", "binary_cross_entropy", "classification_counts",
-    "classification_report", "compute_classification_metrics", "confusion_matrix", "distillation_loss", "get_activation",
+    "MeanMetric", "accuracy", "activations", "attention", "attention_reference", "binary_cross_entropy", "classification_counts",
+    "classification_report", "compute_classification_metrics", "confusion_matrix", "dispatch", "distillation_loss", "get_activation",
     "l1_penalty", "l2_penalty", "layer_norm", "linear_cross_entropy", "losses", "mae", "merge_counts", "metrics", "mse",
     "normalization", "regularization", "rms_norm", "softmax_cross_entropy",
     "softmax_cross_entropy_with_probs", "top_k_accuracy", "weight_mask",

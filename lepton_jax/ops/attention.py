@@ -20,9 +20,11 @@ import math
 import jax
 import jax.numpy as jnp
 
-from lepton_jax.ops import _checks
+from lepton_jax.ops import _checks, dispatch
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas", "cudnn")
+# GPU: cuDNN where it serves the inputs, else the flash kernel.
+AUTO = {"cpu": "xla", "gpu": "cudnn", "tpu": "pallas"}
 SegmentIds = jax.Array | tuple[jax.Array, jax.Array] | None
 
 
@@ -128,17 +130,11 @@ def attention(
 
     Returns ``[B, Sq, H, D]`` in q's dtype.
     """
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"attention: implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    requested = implementation
+    implementation = dispatch.choose("attention", implementation, IMPLEMENTATIONS, AUTO)
     q_ids, kv_ids = _validate(q, k, v, segment_ids, scale)
-    if implementation == "auto":
-        platform = jax.default_backend()
-        if platform == "gpu" and _cudnn_unsupported(q, k, causal, q_ids) is None:
-            implementation = "cudnn"
-        elif platform in ("gpu", "tpu"):
-            implementation = "pallas"
-        else:
-            implementation = "xla"
+    if requested == "auto" and implementation == "cudnn" and _cudnn_unsupported(q, k, causal, q_ids) is not None:
+        implementation = "pallas"  # the flash kernel serves what cuDNN's fused attention cannot
     if implementation == "xla":
         return attention_reference(q, k, v, causal=causal, q_segment_ids=q_ids, kv_segment_ids=kv_ids, scale=scale)
     if implementation == "cudnn":

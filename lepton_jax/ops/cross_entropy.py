@@ -28,16 +28,16 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lepton_jax.ops import _checks
+from lepton_jax.ops import _checks, dispatch
 
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "pallas")
+AUTO = {"cpu": "xla", "gpu": "chunked", "tpu": "chunked"}
 _F32 = jnp.float32
 
 
-def _validate(x, w, labels, label_smoothing, z_loss, reduction, implementation):
+def _validate(x, w, labels, label_smoothing, z_loss, reduction, implementation) -> str:
     where = "linear_cross_entropy"
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"{where}: implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    implementation = dispatch.choose(where, implementation, IMPLEMENTATIONS, AUTO)
     _checks.check_floating(where, "x", x)
     _checks.check_floating(where, "w", w)
     _checks.check_integer(where, "labels", labels)
@@ -53,6 +53,7 @@ def _validate(x, w, labels, label_smoothing, z_loss, reduction, implementation):
         raise ValueError(f"{where}: z_loss must be >= 0, got {z_loss}")
     if reduction not in _checks.REDUCTIONS:
         raise ValueError(f"{where}: reduction must be one of {_checks.REDUCTIONS}, got {reduction!r}")
+    return implementation
 
 
 def _token_losses_from_logits(logits_TxV, labels_T, valid_T, eps, z_loss):
@@ -203,10 +204,10 @@ _pallas_token_losses.defvjp(_pallas_fwd, _pallas_bwd)
 
 def _pallas_config(x, w, ignore_index, eps, z_loss) -> _KernelConfig:
     from lepton_jax.pallas import linear_cross_entropy as kernels
-    from lepton_jax.pallas.attention_common import fit_block, pallas_backend
+    from lepton_jax.pallas.attention_common import fit_block
 
-    backend = pallas_backend()
-    interpret = jax.default_backend() not in ("gpu", "tpu")
+    target = dispatch.kernel_target()
+    backend, interpret = target.backend, target.interpret
     minimum_t, minimum_v = (16, 16) if interpret or backend == "gpu" else (8, 128)
     kernel = kernels.CEConfig(
         vocab=w.shape[1], eps=float(eps), backend=backend, interpret=interpret,
@@ -247,9 +248,7 @@ def linear_cross_entropy(
 
     Gradients flow to ``x`` and ``w``.
     """
-    _validate(x, w, labels, label_smoothing, z_loss, reduction, implementation)
-    if implementation == "auto":
-        implementation = "xla" if jax.default_backend() == "cpu" else "chunked"
+    implementation = _validate(x, w, labels, label_smoothing, z_loss, reduction, implementation)
     if implementation == "xla":
         loss_T = _reference_token_losses(x, w, labels, ignore_index, label_smoothing, z_loss)
     elif implementation == "pallas":

@@ -12,14 +12,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lepton_jax.ops import _checks
+from lepton_jax.ops import _checks, dispatch
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
+AUTO = {"cpu": "xla", "gpu": "xla", "tpu": "xla"}
 
 
-def _validate(where: str, x, scale, bias, residual, implementation) -> None:
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"{where}: implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+def _validate(where: str, x, scale, bias, residual, implementation) -> str:
+    """Checks the inputs; returns the implementation to run ("auto" is XLA's
+    fusion of the reference on every platform: the kernel is opt-in)."""
+    implementation = dispatch.choose(where, implementation, IMPLEMENTATIONS, AUTO)
     _checks.check_floating(where, "x", x)
     if jnp.ndim(x) < 1:
         raise ValueError(f"{where}: x must have at least one axis, got shape {jnp.shape(x)}")
@@ -31,19 +33,20 @@ def _validate(where: str, x, scale, bias, residual, implementation) -> None:
         _checks.check_same_shape(where, "x", x, "residual", residual)
         if residual.dtype != x.dtype:
             raise TypeError(f"{where}: residual must have x's dtype {x.dtype}, got {residual.dtype}")
+    return implementation
 
 
 def _pallas_norm(kind, x, scale, bias, eps, residual):
     """Runs the fused kernel on x reshaped to [rows, hidden]."""
     from lepton_jax.pallas import norm as norm_kernels
-    from lepton_jax.pallas.attention_common import pallas_backend
 
     hidden = x.shape[-1]
+    target = dispatch.kernel_target()
     if scale is None:
         scale = jnp.ones((hidden,), jnp.float32)
     config = norm_kernels.NormConfig(
         kind=kind, eps=float(eps), hidden=hidden, has_residual=residual is not None, has_bias=bias is not None,
-        backend=pallas_backend(), interpret=jax.default_backend() not in ("gpu", "tpu"))
+        backend=target.backend, interpret=target.interpret)
     rows_x = x.reshape(-1, hidden)
     rows_r = residual.reshape(-1, hidden) if residual is not None else None
     y, h = norm_kernels.fused_norm(rows_x, rows_r, scale, bias, config)
@@ -67,7 +70,7 @@ def layer_norm(
       residual: optional ``[..., D]``; then ``h = x + residual`` is normalized
         and ``(layer_norm(h), h)`` is returned (the pre-norm block pattern).
     """
-    _validate("layer_norm", x, scale, bias, residual, implementation)
+    implementation = _validate("layer_norm", x, scale, bias, residual, implementation)
     if implementation == "pallas":
         return _pallas_norm("layer", x, scale, bias, eps, residual)
     h = x if residual is None else x + residual
@@ -95,7 +98,7 @@ def rms_norm(
 
     Shapes as ``layer_norm``; with ``residual`` returns ``(rms_norm(h), h)``.
     """
-    _validate("rms_norm", x, scale, None, residual, implementation)
+    implementation = _validate("rms_norm", x, scale, None, residual, implementation)
     if implementation == "pallas":
         return _pallas_norm("rms", x, scale, None, eps, residual)
     h = x if residual is None else x + residual

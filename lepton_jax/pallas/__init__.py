@@ -1,7 +1,7 @@
 """Pallas kernels. ``flash_attention`` takes the public ``[B, S, H, D]`` layout,
 pads and transposes for the kernels, and picks the kernel family: the
 platform's on GPU/TPU, ``LEPTON_PALLAS_BACKEND`` (gpu|tpu) in interpret mode
-on CPU."""
+on CPU (``ops.dispatch``)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from lepton_jax.pallas.attention_common import (
     BlockSizes,
     default_block_sizes,
     fit_block,
-    pallas_backend,
     round_up,
 )
+from lepton_jax.ops import dispatch
 
 
 def flash_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None, scale=None,
@@ -32,9 +32,8 @@ def flash_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids
     forcing ``interpret=False`` on CPU is for lowering to another platform
     (``jax.jit(...).trace(...).lower(lowering_platforms=("tpu",))``).
     """
-    backend = backend or pallas_backend()
-    if interpret is None:
-        interpret = jax.default_backend() not in ("gpu", "tpu")
+    target = dispatch.kernel_target(backend, interpret)
+    backend, interpret = target.backend, target.interpret
     B, Sq, H, D = q.shape
     Skv, K = k.shape[1], k.shape[2]
     blocks = block_sizes or default_block_sizes(backend, jax.devices()[0].device_kind)
@@ -68,4 +67,4 @@ def flash_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids
 
 
 __all__ = ["BLOCK_TABLE", "AttentionConfig", "BlockSizes", "attention_common", "default_block_sizes",
-           "flash_attention", "flash_attention_gpu", "flash_attention_tpu", "pallas_backend"]
+           "flash_attention", "flash_attention_gpu", "flash_attention_tpu"]

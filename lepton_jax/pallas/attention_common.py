@@ -14,14 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
-
-BACKENDS = ("gpu", "tpu")
-
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
@@ -55,20 +51,6 @@ def default_block_sizes(backend: str, device_kind: str = "") -> BlockSizes:
         if prefix and device_kind.startswith(prefix):
             return sizes
     return table[""]
-
-
-def pallas_backend() -> str:
-    """The kernel family to run: the platform's on GPU/TPU, else
-    ``LEPTON_PALLAS_BACKEND`` (``gpu`` by default) for interpret mode."""
-    platform = jax.default_backend()
-    if platform in ("gpu", "cuda", "rocm"):
-        return "gpu"
-    if platform == "tpu":
-        return "tpu"
-    backend = os.environ.get("LEPTON_PALLAS_BACKEND", "gpu").lower()
-    if backend not in BACKENDS:
-        raise ValueError(f"LEPTON_PALLAS_BACKEND must be one of {BACKENDS}, got {backend!r}")
-    return backend
 
 
 @dataclasses.dataclass(frozen=True)

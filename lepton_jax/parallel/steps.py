@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lepton_jax.parallel.rules import (
     Rules, batch_sharding, get_rules, opt_state_shardings, param_shardings, restrict_to_mesh)
-from lepton_jax.train import state as state_lib
+from lepton_jax.train.loss_scale import as_loss_scale
 from lepton_jax.train.state import TrainState, create_train_state
 from lepton_jax.train.step import LossFn, make_train_step
 
@@ -59,7 +59,7 @@ def state_shardings(model: linen.Module, tx: optax.GradientTransformation, examp
     return TrainState(step=replicated, params=params_sh,
                       opt_state=opt_state_shardings(tx, abstract_params, params_sh, mesh),
                       model_state=model_state, rng=replicated,
-                      loss_scale=jax.tree.map(lambda _: replicated, state_lib._loss_scale(loss_scale)))
+                      loss_scale=jax.tree.map(lambda _: replicated, as_loss_scale(loss_scale)))
 
 
 def create_sharded_train_state(model: linen.Module, tx: optax.GradientTransformation, example_inputs: jax.Array,

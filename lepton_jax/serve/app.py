@@ -53,7 +53,7 @@ class ServedModel:
     def __init__(self, name: str, model: loader.LoadedModel, *, max_batch: int, max_wait_ms: float,
                  on_batch) -> None:
         self.name, self.model, self.version = name, model, model.version
-        example = [np.zeros([1, *spec["shape"][1:]], loader._numpy_dtype(spec["dtype"]))  # noqa: SLF001
+        example = [np.zeros([1, *spec["shape"][1:]], loader.numpy_dtype(spec["dtype"]))
                    for spec in model.signature["inputs"]]
         self.batcher = DynamicBatcher(lambda *x: model(*x, preprocess=False), example, max_batch=max_batch,
                                       max_wait_ms=max_wait_ms, on_batch=on_batch)

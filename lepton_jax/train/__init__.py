@@ -17,7 +17,7 @@ from lepton_jax.train.hooks import (
 )
 from lepton_jax.train.loop import FitResult, Loop, fit
 from lepton_jax.train.plateau import EarlyStopping, ReduceLROnPlateau
-from lepton_jax.train.loss_scale import DynamicLossScale, all_finite
+from lepton_jax.train.loss_scale import DynamicLossScale, all_finite, as_loss_scale
 from lepton_jax.train.state import TrainState, count_params, create_train_state
 from lepton_jax.train.step import (
     classification_loss,
@@ -48,6 +48,7 @@ __all__ = [
     "TrainMetrics",
     "TrainState",
     "all_finite",
+    "as_loss_scale",
     "classification_loss",
     "count_params",
     "create_train_state",

@@ -81,3 +81,13 @@ def all_finite(tree: PyTree) -> jax.Array:
 def select_tree(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
     """Leafwise ``where(pred, on_true, on_false)`` for two pytrees of the same structure."""
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def as_loss_scale(loss_scale: Any) -> DynamicLossScale | None:
+    """What a train state holds for ``create_train_state(loss_scale=...)``:
+    ``None``, ``"dynamic"`` (a fresh ``DynamicLossScale``) or a ``DynamicLossScale``."""
+    if loss_scale is None or isinstance(loss_scale, DynamicLossScale):
+        return loss_scale
+    if loss_scale == "dynamic":
+        return DynamicLossScale.create()
+    raise ValueError(f"create_train_state: loss_scale must be None, 'dynamic' or a DynamicLossScale, got {loss_scale!r}")

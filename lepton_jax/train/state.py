@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from lepton_jax.train.loss_scale import DynamicLossScale
+from lepton_jax.train.loss_scale import DynamicLossScale, as_loss_scale
 
 PyTree = Any
 
@@ -89,7 +89,7 @@ def create_train_state(
     """
     if not isinstance(seed, int):
         raise TypeError(f"create_train_state: seed must be an int, got {type(seed).__name__}")
-    scale = _loss_scale(loss_scale)
+    scale = as_loss_scale(loss_scale)
     # Shapes only: initialisation must not depend on the example's values.
     shape, dtype = jnp.shape(example_inputs), jnp.asarray(example_inputs).dtype
 
@@ -107,14 +107,6 @@ def create_train_state(
     # init forward pass would compile on its own (about twice the time for a
     # small CNN or GPT on CPU). Under an outer jit (sharded init) it inlines.
     return jax.jit(init)(scale)
-
-
-def _loss_scale(loss_scale: Any) -> DynamicLossScale | None:
-    if loss_scale is None or isinstance(loss_scale, DynamicLossScale):
-        return loss_scale
-    if loss_scale == "dynamic":
-        return DynamicLossScale.create()
-    raise ValueError(f"create_train_state: loss_scale must be None, 'dynamic' or a DynamicLossScale, got {loss_scale!r}")
 
 
 def count_params(params: PyTree) -> int:
