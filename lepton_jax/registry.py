@@ -31,7 +31,7 @@ class ExportParts:
     Attributes:
       apply_fn: ``(variables, *inputs) -> outputs``, the function to export.
       variables: its variables (``{"params": ...}`` and any collections).
-      example: one example input (its dtype and trailing shape are exported;
+      example_inputs: one example input (its dtype and trailing shape are exported;
         the batch dimension is symbolic).
       input_names / output_names: names of the inputs and outputs.
       model: the linen model (quantization rewrites it).
@@ -45,7 +45,7 @@ class ExportParts:
 
     apply_fn: Callable[..., Any]
     variables: Any
-    example: np.ndarray
+    example_inputs: np.ndarray
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
     model: Any

@@ -161,8 +161,8 @@ def run(config: DigitsConfig) -> dict:
                 images = base(key_base, images)
                 return jnp.concatenate([images, data.mix_inputs(key_mix, images, mixup)])
 
-    train_step = train.make_train_step(model, tx, train_loss, augment_fn=augment)
-    eval_step = train.make_eval_step(model, loss_fn, num_classes=10)
+    train_step = train.make_train_step(model, tx, train_loss, input_key="image", augment_fn=augment)
+    eval_step = train.make_eval_step(model, loss_fn, num_classes=10, input_key="image")
 
     print(f"lepton_jax {lepton_jax.__version__} | jax {jax.__version__} on {jax.devices()[0].platform} | "
           f"model {config.model}: {train.count_params(state.params):,} params | "
@@ -229,7 +229,7 @@ def export(manager: checkpoint.CheckpointManager, step: int, config: dict) -> re
         return [images[i:i + 64] for i in range(0, 256, 64)]
 
     return registry.ExportParts(
-        apply_fn=digits_logits, variables=variables, example=np.zeros((1, 8, 8, 1), np.float32),
+        apply_fn=digits_logits, variables=variables, example_inputs=np.zeros((1, 8, 8, 1), np.float32),
         input_names=("images",), output_names=("logits",), model=model, config=config,
         preprocessing={"normalize": {"mean": normalizer["mean"], "std": normalizer["std"]}}, calibration=calibration)
 

@@ -202,7 +202,7 @@ def export(manager: checkpoint.CheckpointManager, step: int, config: dict) -> re
         return [windows[i:i + 8] for i in range(0, len(windows), 8)]
 
     return registry.ExportParts(
-        apply_fn=gpt_logits, variables={"params": params}, example=np.zeros((1, run.seq_len), np.int32),
+        apply_fn=gpt_logits, variables={"params": params}, example_inputs=np.zeros((1, run.seq_len), np.int32),
         input_names=("tokens",), output_names=("logits",), model=model, config=config, calibration=calibration,
         # One static scale per activation, shared over batch and positions.
         quantize_options={"module_path": models.GPT_QUANTIZED_MODULES, "act_batch_axes": (0, 1)},

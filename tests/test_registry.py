@@ -38,7 +38,7 @@ def main(argv=None):
     state = train.create_train_state(model, tx, split["image"][:1])
     hooks = train.default_hooks(config.out, progress=False, tensorboard=False, plot=False,
                                 extra={"config": config_lib.to_dict(config)})
-    train.fit(state, train.make_train_step(model, tx, train.classification_loss()), data.BatchIterator(split, 8),
+    train.fit(state, train.make_train_step(model, tx, train.classification_loss(), input_key="image"), data.BatchIterator(split, 8),
               num_steps=config.steps, hooks=hooks)
 
 
@@ -46,7 +46,7 @@ def export(manager, step, config):
     model = build(config)
     params = manager.restore(step, params_only=True)
     return registry.ExportParts(apply_fn=lambda v, x: model.apply(v, x), variables={"params": params},
-                                example=np.zeros((1, 2, 2, 1), np.float32), input_names=("x",),
+                                example_inputs=np.zeros((1, 2, 2, 1), np.float32), input_names=("x",),
                                 output_names=("logits",), model=model, config=config)
 
 

@@ -59,7 +59,7 @@ def export_recipe(recipe: str, ckpt_dir: str | os.PathLike, out_dir: str | os.Pa
         apply_fn, variables = quantized.export_parts()
     metadata = {"recipe": recipe, "source": {"checkpoint_dir": ckpt_dir, "step": step},
                 "metrics": metrics, "config": dict(parts.config), "quantization": quantize}
-    path = export_model(out_dir, apply_fn, variables, parts.example, input_names=parts.input_names,
+    path = export_model(out_dir, apply_fn, variables, parts.example_inputs, input_names=parts.input_names,
                         output_names=parts.output_names, platforms=platforms,
                         preprocessing=None if parts.preprocessing is None else dict(parts.preprocessing),
                         metadata=metadata)
@@ -81,5 +81,5 @@ def _quantized(mode: str, parts: registry.ExportParts) -> Any:  # quant.Quantize
         raise ValueError(f"export_recipe: quantize must be one of {quant.MODES}, got {mode!r}")
     if mode == "int8" and parts.calibration is None:
         raise ValueError("export_recipe: quantize='int8' needs calibration batches, which this recipe does not give")
-    return quant.quantize(parts.model, parts.variables, parts.example, mode=mode,
+    return quant.quantize(parts.model, parts.variables, parts.example_inputs, mode=mode,
                           calibration=parts.calibration() if mode == "int8" else None, **parts.quantize_options)

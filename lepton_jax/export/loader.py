@@ -22,6 +22,8 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
+from lepton_jax.sampling import Sampler, check_sampling
+
 MODEL_FILE = "model.jaxexport"
 PARAMS_FILE = "params.npz"
 SIGNATURE_FILE = "signature.json"
@@ -164,7 +166,8 @@ class Generator:
         return [jax.device_put(np.zeros([1 if d == BATCH_SYMBOL else d for d in leaf["shape"]],
                                         numpy_dtype(leaf["dtype"])), self.device) for leaf in self.spec["cache"]]
 
-    def check(self, prompt: Sequence[int], max_tokens: int, temperature: float, top_k: int) -> None:
+    def check(self, prompt: Sequence[int], max_tokens: int, temperature: float, top_k: int,
+              top_p: float = 1.0) -> None:
         """Raises ``ValueError`` naming the argument that cannot be served."""
         if len(prompt) < 1:
             raise ValueError("generate: prompt must hold at least one token")
@@ -173,36 +176,24 @@ class Generator:
         if not isinstance(max_tokens, int) or max_tokens < 1 or len(prompt) + max_tokens > self.max_len:
             raise ValueError(f"generate: max_tokens must be an int >= 1 with prompt + max_tokens <= {self.max_len} "
                              f"(the model's context); got prompt {len(prompt)} + max_tokens {max_tokens!r}")
-        if not isinstance(temperature, (int, float)) or temperature < 0:
-            raise ValueError(f"generate: temperature must be a number >= 0, got {temperature!r}")
-        if not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"generate: top_k must be an int >= 0 (0: all tokens), got {top_k!r}")
+        check_sampling(temperature, top_k, top_p)
 
     def stream(self, prompt: Sequence[int], max_tokens: int, *, temperature: float = 1.0, top_k: int = 0,
-               seed: int = 0):
-        """Yields ``max_tokens`` token ids sampled after ``prompt`` (greedy at
-        ``temperature=0``; ``top_k=0`` samples from every token)."""
-        self.check(prompt, max_tokens, temperature, top_k)
-        rng = np.random.default_rng(seed)
+               top_p: float = 1.0, seed: int = 0):
+        """Yields ``max_tokens`` token ids sampled after ``prompt`` by the
+        sampler ``models.generate`` uses (``sampling.Sampler``): greedy at
+        ``temperature=0``, ``top_k``/``top_p`` restrict the candidates, and
+        the same seed gives the same tokens as ``models.generate``."""
+        self.check(prompt, max_tokens, temperature, top_k, top_p)
+        sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         cache = self._empty_cache()
         logits = None
         for token in prompt:
             logits, *cache = self._step(self.params, np.array([[token]], np.int32), *cache)
         for _ in range(max_tokens):
-            token = _sample(np.asarray(logits[0], np.float64), temperature, top_k, rng)
+            token = int(sampler(logits)[0])  # logits [1, V]
             yield token
             logits, *cache = self._step(self.params, np.array([[token]], np.int32), *cache)
-
-
-def _sample(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
-    if temperature == 0:
-        return int(np.argmax(logits))
-    logits = logits / temperature
-    if top_k:
-        kth = np.sort(logits)[-min(top_k, len(logits))]
-        logits = np.where(logits < kth, -np.inf, logits)
-    probs = np.exp(logits - logits.max())
-    return int(rng.choice(len(probs), p=probs / probs.sum()))
 
 
 def load(model_dir: str | os.PathLike, version: int | None = None, *, platform: str | None = None) -> LoadedModel:

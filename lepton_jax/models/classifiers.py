@@ -78,12 +78,12 @@ class LSTMClassifier(linen.Module):
     sequence of ``W*C`` features; the last hidden state goes to a dense head."""
 
     num_classes: int = 10
-    hidden_size: int = 128
+    features: int = 128
 
     @linen.compact
     def __call__(self, x_BxHxWxC: jax.Array, *, train: bool = False) -> jax.Array:
         _check_images(x_BxHxWxC, "LSTMClassifier")
         B, H, W, C = x_BxHxWxC.shape
         x_BxTxF = x_BxHxWxC.reshape(B, H, W * C)
-        outputs_BxTxH, _ = nn.LSTM(self.hidden_size)(x_BxTxF)
+        outputs_BxTxH, _ = nn.LSTM(self.features)(x_BxTxF)
         return nn.Dense(self.num_classes)(outputs_BxTxH[:, -1])

@@ -11,6 +11,7 @@ through ``lepton_jax.ops`` (``implementation=`` picks the kernels).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping, NamedTuple
 
 import flax.linen as linen
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 
 from lepton_jax import nn, ops
 from lepton_jax.nn._checks import cast
+from lepton_jax.sampling import Sampler
 
 ACTIVATION = ("batch", "seq", "embed")
 
@@ -248,7 +250,7 @@ def lm_loss(outputs: jax.Array | LMHead, batch: Mapping[str, jax.Array], *,
         hidden_TxE = outputs.hidden_BxSxE.reshape(-1, outputs.hidden_BxSxE.shape[-1])
         return ops.linear_cross_entropy(hidden_TxE, outputs.head_ExV, targets_BxS.reshape(-1),
                                         ignore_index=-100, implementation=implementation)
-    return ops.softmax_cross_entropy(outputs, targets_BxS, where=keep_BxS)
+    return ops.softmax_cross_entropy(outputs, targets_BxS, mask=keep_BxS)
 
 
 def init_cache(model: GPT, batch_size: int) -> Any:
@@ -261,46 +263,38 @@ def init_cache(model: GPT, batch_size: int) -> Any:
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_step(model: GPT, params: Any, cache: Any, token_Bx1: jax.Array) -> tuple[jax.Array, Any]:
+    # Module level, the model static: compiled once per model and batch size,
+    # not once per generate call.
+    logits, updates = model.apply({"params": params, "cache": cache}, token_Bx1, decode=True, mutable=["cache"])
+    return logits[:, -1], updates["cache"]
+
+
 def generate(model: GPT, params: Any, prompt: jax.Array, max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: int = 0, seed: int = 0) -> jax.Array:
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> jax.Array:
     """Samples ``max_new_tokens`` after ``prompt`` ``[B, P]`` with a KV cache.
 
     The prompt is fed one token at a time (each step is one jitted decode),
-    then tokens are drawn from ``softmax(logits / temperature)`` restricted
-    to the ``top_k`` most likely (0: all); ``temperature=0`` is greedy.
-    Returns ``[B, P + max_new_tokens]``.
+    then tokens are drawn by ``sampling.Sampler`` (``temperature=0`` is
+    greedy; ``top_k``/``top_p`` restrict to the likeliest tokens), the
+    sampler an exported model's ``Generator`` uses: the same seed gives the
+    same tokens. Returns ``[B, P + max_new_tokens]``.
     """
     prompt = jnp.asarray(prompt, jnp.int32)
     B, P = prompt.shape
     if P < 1 or P + max_new_tokens > model.config.max_len:
         raise ValueError(f"generate: need 1 <= prompt length and prompt + new tokens <= max_len "
                          f"{model.config.max_len}, got {P} + {max_new_tokens}")
+    sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     cache = init_cache(model, B)
-
-    @jax.jit
-    def step(cache, token_Bx1):
-        logits, updates = model.apply({"params": params, "cache": cache}, token_Bx1, decode=True,
-                                      mutable=["cache"])
-        return logits[:, -1], updates["cache"]
-
-    def sample(key, logits_BxV):
-        if temperature == 0:
-            return jnp.argmax(logits_BxV, axis=-1)
-        logits_BxV = logits_BxV / temperature
-        if top_k:
-            kth = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
-            logits_BxV = jnp.where(logits_BxV < kth, -jnp.inf, logits_BxV)
-        return jax.random.categorical(key, logits_BxV, axis=-1)
-
     tokens = [prompt[:, i] for i in range(P)]
     for i in range(P):
-        logits, cache = step(cache, prompt[:, i:i + 1])
-    key = jax.random.PRNGKey(seed)
+        logits, cache = _decode_step(model, params, cache, prompt[:, i:i + 1])
     for _ in range(max_new_tokens):
-        key, subkey = jax.random.split(key)
-        token = sample(subkey, logits).astype(jnp.int32)
+        token = sampler(logits)
         tokens.append(token)
-        logits, cache = step(cache, token[:, None])
+        logits, cache = _decode_step(model, params, cache, token[:, None])
     return jnp.stack(tokens, axis=1)
 
 

@@ -76,7 +76,7 @@ class LSTM(linen.Module):
     last valid step back to its first.
     """
 
-    hidden_size: int
+    features: int
     forget_bias: float = 1.0
     reverse: bool = False
     kernel_init: Callable[..., jax.Array] = linen.initializers.lecun_normal()
@@ -87,7 +87,7 @@ class LSTM(linen.Module):
                  initial_carry: Carry | None = None) -> tuple[jax.Array, Carry]:
         valid_BxT = _time_mask("LSTM", x_BxTxF, lengths, mask)
         B, T, F = x_BxTxF.shape
-        H = self.hidden_size
+        H = self.features
         w_in_Fx4H = self.param("input_kernel", self.kernel_init, (F, 4 * H))
         w_rec_Hx4H = self.param("recurrent_kernel", lambda k, s: jnp.concatenate(
             [self.recurrent_init(kk, (H, H)) for kk in jax.random.split(k, 4)], axis=1), (H, 4 * H))
@@ -115,7 +115,7 @@ class GRU(linen.Module):
     Carry: ``h_BxH``.
     """
 
-    hidden_size: int
+    features: int
     reverse: bool = False
     kernel_init: Callable[..., jax.Array] = linen.initializers.lecun_normal()
     recurrent_init: Callable[..., jax.Array] = linen.initializers.orthogonal()
@@ -125,7 +125,7 @@ class GRU(linen.Module):
                  initial_carry: Carry | None = None) -> tuple[jax.Array, Carry]:
         valid_BxT = _time_mask("GRU", x_BxTxF, lengths, mask)
         B, T, F = x_BxTxF.shape
-        H = self.hidden_size
+        H = self.features
         w_in_Fx3H = self.param("input_kernel", self.kernel_init, (F, 3 * H))
         w_rec_Hx3H = self.param("recurrent_kernel", lambda k, s: jnp.concatenate(
             [self.recurrent_init(kk, (H, H)) for kk in jax.random.split(k, 3)], axis=1), (H, 3 * H))

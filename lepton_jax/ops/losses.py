@@ -39,7 +39,7 @@ def softmax_cross_entropy(
     *,
     label_smoothing: float = 0.0,
     ignore_index: int | None = -100,
-    where: jax.Array | None = None,
+    mask: jax.Array | None = None,
     reduction: str = "mean",
 ) -> jax.Array:
     """Cross-entropy of ``softmax(logits)`` against integer labels.
@@ -52,7 +52,7 @@ def softmax_cross_entropy(
         ``eps / C`` on every class.
       ignore_index: positions whose label equals it contribute 0 and are left
         out of the mean's denominator. ``None`` disables it.
-      where: optional ``[...]`` bool; False positions are ignored likewise.
+      mask: optional ``[...]`` bool; False positions are ignored likewise.
       reduction: "mean" over the counted positions (0 when none), "sum", or
         "none" (``[...]``, 0 at ignored positions).
 
@@ -64,10 +64,10 @@ def softmax_cross_entropy(
     where_name = "softmax_cross_entropy"
     _checks.check_floating(where_name, "logits", logits)
     _checks.check_labels(where_name, logits, labels)
-    _checks.check_mask(where_name, where, jnp.shape(labels), "where")
+    _checks.check_mask(where_name, mask, jnp.shape(labels), "mask")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"{where_name}: label_smoothing must be in [0, 1), got {label_smoothing}")
-    valid = jnp.ones(labels.shape, bool) if where is None else where.astype(bool)
+    valid = jnp.ones(labels.shape, bool) if mask is None else mask.astype(bool)
     if ignore_index is not None:
         valid = valid & (labels != ignore_index)
     safe_labels = jnp.where(valid, labels, 0)

@@ -82,7 +82,7 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh, rules: str | Rules) -> dic
 
 
 def make_sharded_train_step(model: linen.Module, tx: optax.GradientTransformation, loss_fn: LossFn,
-                            mesh: Mesh, rules: str | Rules, shardings: TrainState, *, input_key: str = "image",
+                            mesh: Mesh, rules: str | Rules, shardings: TrainState, *, input_key: str,
                             donate: bool = False, **step_options) -> Callable:
     """``train_step(state, batch)`` as one ``jax.jit`` whose state shardings come
     from the rules (give it batches from ``shard_batch``)."""
@@ -95,23 +95,23 @@ def make_sharded_train_step(model: linen.Module, tx: optax.GradientTransformatio
 
 
 def make_shard_map_train_step(model: linen.Module, tx: optax.GradientTransformation, loss_fn: LossFn,
-                              mesh: Mesh, *, axis: str = "data", input_key: str = "image",
+                              mesh: Mesh, *, input_key: str, axis_name: str = "data",
                               **step_options) -> Callable:
     """Data parallelism by hand: each device takes its slice of the batch,
-    gradients and metrics are ``pmean``-ed over ``axis``, the state is
+    gradients and metrics are ``pmean``-ed over ``axis_name``, the state is
     replicated. Same numbers as the jit path (up to reduction order)."""
-    step = make_train_step(model, tx, loss_fn, input_key=input_key, axis_name=axis, jit=False, **step_options)
-    mapped = jax.shard_map(step, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(axis)),
+    step = make_train_step(model, tx, loss_fn, input_key=input_key, axis_name=axis_name, jit=False, **step_options)
+    mapped = jax.shard_map(step, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(axis_name)),
                            out_specs=(PartitionSpec(), PartitionSpec()))
     return jax.jit(mapped)
 
 
 def make_pmap_train_step(model: linen.Module, tx: optax.GradientTransformation, loss_fn: LossFn, *,
-                         axis: str = "data", input_key: str = "image", **step_options) -> Callable:
+                         input_key: str, axis_name: str = "data", **step_options) -> Callable:
     """The same step under ``jax.pmap``: give it a state from ``replicate`` and
     batches from ``split_for_pmap``; metrics come back per device (equal)."""
-    step = make_train_step(model, tx, loss_fn, input_key=input_key, axis_name=axis, jit=False, **step_options)
-    return jax.pmap(step, axis_name=axis)
+    step = make_train_step(model, tx, loss_fn, input_key=input_key, axis_name=axis_name, jit=False, **step_options)
+    return jax.pmap(step, axis_name=axis_name)
 
 
 def replicate(state: TrainState, num_devices: int | None = None) -> TrainState:

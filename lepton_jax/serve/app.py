@@ -9,7 +9,7 @@ Routes (``name`` is a model directory's base name):
   for models with several inputs. Raw inputs: the model's preprocessing
   (e.g. the training split's normalization) is applied by the server.
 - ``POST /v1/models/{name}:generate`` for models exported with a decode step
-  (the GPT): ``{"prompt", "max_tokens", "temperature", "top_k", "seed"}`` ->
+  (the GPT): ``{"prompt", "max_tokens", "temperature", "top_k", "top_p", "seed"}`` ->
   server-sent events, one ``{"token", "text"}`` per sampled token as soon as it
   is drawn (KV cache), then ``[DONE]``.
 - ``GET /v1/models/{name}`` (and ``/versions/{v}``): status, versions, the
@@ -142,7 +142,7 @@ def create_app(model_dirs: Sequence[str | os.PathLike], *, max_batch: int = 64, 
             prompt = list(args.pop("prompt").encode("utf-8"))
             if args["max_tokens"] is None:  # default: up to 64, within the model's context
                 args["max_tokens"] = max(1, min(64, generator.max_len - len(prompt)))
-            generator.check(prompt, args["max_tokens"], args["temperature"], args["top_k"])
+            generator.check(prompt, args["max_tokens"], args["temperature"], args["top_k"], args["top_p"])
         except BadRequest as error:
             requests_total.labels(model=name, code=str(error.status)).inc()
             return JSONResponse({"error": str(error)}, status_code=error.status)
@@ -151,7 +151,7 @@ def create_app(model_dirs: Sequence[str | os.PathLike], *, max_batch: int = 64, 
             return JSONResponse({"error": str(error)}, status_code=400)
         requests_total.labels(model=name, code="200").inc()
         tokens = generator.stream(prompt, args["max_tokens"], temperature=args["temperature"], top_k=args["top_k"],
-                                  seed=args["seed"])
+                                  top_p=args["top_p"], seed=args["seed"])
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
         async def events():
@@ -225,13 +225,14 @@ async def _read_json(request: Request, limit: int) -> Any:
 def _generation_args(payload: Any) -> dict[str, Any]:
     if not isinstance(payload, dict) or not isinstance(payload.get("prompt"), str) or not payload["prompt"]:
         raise BadRequest(400, 'the body must be a JSON object with a non-empty "prompt" string (and optionally '
-                              '"max_tokens", "temperature", "top_k", "seed")')
-    unknown = sorted(set(payload) - {"prompt", "max_tokens", "temperature", "top_k", "seed"})
+                              '"max_tokens", "temperature", "top_k", "top_p", "seed")')
+    unknown = sorted(set(payload) - {"prompt", "max_tokens", "temperature", "top_k", "top_p", "seed"})
     if unknown:
-        raise BadRequest(400, f"unknown generation fields {unknown}; known: prompt, max_tokens, temperature, top_k, seed")
+        raise BadRequest(400, f"unknown generation fields {unknown}; known: prompt, max_tokens, temperature, top_k, "
+                              "top_p, seed")
     args = {"prompt": payload["prompt"], "max_tokens": payload.get("max_tokens"),
             "temperature": payload.get("temperature", 1.0), "top_k": payload.get("top_k", 0),
-            "seed": payload.get("seed", 0)}
+            "top_p": payload.get("top_p", 1.0), "seed": payload.get("seed", 0)}
     if not isinstance(args["seed"], int):
         raise BadRequest(400, f"seed must be an int, got {args['seed']!r}")
     return args

@@ -43,7 +43,7 @@ def classification_loss(
         labels_B = _get(batch, label_key, "classification_loss")
         mask_B = batch.get("mask")
         loss = losses.softmax_cross_entropy(
-            logits_BxC, labels_B, label_smoothing=label_smoothing, where=mask_B
+            logits_BxC, labels_B, label_smoothing=label_smoothing, mask=mask_B
         )
         return loss, {"accuracy": metrics_lib.accuracy(logits_BxC, labels_B, mask=mask_B)}
 
@@ -55,7 +55,7 @@ def make_train_step(
     tx: optax.GradientTransformation,
     loss_fn: LossFn,
     *,
-    input_key: str = "image",
+    input_key: str,
     regularizer: Callable[[Any], jax.Array] | None = None,
     augment_fn: AugmentFn | None = None,
     axis_name: str | None = None,
@@ -146,7 +146,7 @@ def make_eval_step(
     model: nn.Module,
     loss_fn: LossFn,
     *,
-    input_key: str = "image",
+    input_key: str,
     label_key: str = "label",
     num_classes: int | None = None,
     top_k: Sequence[int] = (1,),

@@ -31,7 +31,7 @@ def run_train(out: str, steps: int, resume: bool) -> None:
     model = models.MLPClassifier(num_classes=3, hidden=(16,), dropout_rate=0.2)
     tx = optax.adam(1e-2)
     state = train.create_train_state(model, tx, dataset["image"][:1], seed=0)
-    step_fn = train.make_train_step(model, tx, train.classification_loss())
+    step_fn = train.make_train_step(model, tx, train.classification_loss(), input_key="image")
 
     def slow_step(state, batch):
         state, metrics = step_fn(state, batch)

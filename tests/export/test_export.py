@@ -99,6 +99,11 @@ def test_gpt_export_matches_model_at_two_batch_sizes(tiny_gpt_run, tmp_path):
     got = list(model.generator.stream(prompt, 8, temperature=0.0))
     want = models.generate(reference, params, np.array([prompt], np.int32), 8, temperature=0.0)
     assert got == np.asarray(want[0, 3:]).tolist()
+    # Sampling too: one sampler, so the same seed gives the same tokens here and in the recipe.
+    options = dict(temperature=1.0, top_k=20, top_p=0.9, seed=3)
+    got = list(model.generator.stream(prompt, 8, **options))
+    want = models.generate(reference, params, np.array([prompt], np.int32), 8, **options)
+    assert got == np.asarray(want[0, 3:]).tolist()
 
 
 def test_loader_runs_without_flax(digits_export, images, tmp_path):

@@ -63,7 +63,7 @@ def test_ignored_positions_contribute_nothing():
     np.testing.assert_allclose(jax.grad(lambda z: ops.softmax_cross_entropy(z, labels))(poisoned)[keep],
                                grad[keep], rtol=1e-6)
     # `where` masks the same way.
-    np.testing.assert_allclose(ops.softmax_cross_entropy(logits, jnp.where(keep, labels, 0), where=keep),
+    np.testing.assert_allclose(ops.softmax_cross_entropy(logits, jnp.where(keep, labels, 0), mask=keep),
                                expected, rtol=1e-6)
 
 
@@ -137,7 +137,7 @@ def test_bad_inputs_name_the_argument():
         ops.mse(logits, logits[:, 0])
     with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\), got 1.5"):
         ops.softmax_cross_entropy(logits, labels, label_smoothing=1.5)
-    with pytest.raises(ValueError, match=r"where must have shape \(4,\), got \(3,\)"):
-        ops.softmax_cross_entropy(logits, labels, where=jnp.ones(3, bool))
+    with pytest.raises(ValueError, match=r"mask must have shape \(4,\), got \(3,\)"):
+        ops.softmax_cross_entropy(logits, labels, mask=jnp.ones(3, bool))
     with pytest.raises(ValueError, match="targets must have the shape of inputs"):
         ops.binary_cross_entropy(logits, logits[0])

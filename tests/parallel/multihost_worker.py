@@ -33,7 +33,7 @@ def main() -> None:
     local = next(batches)
     assert local["image"].shape[0] == batch_size // count  # this process loads only its rows
     state, shardings = parallel.create_sharded_train_state(model, tx, local["image"], mesh, "data", seed=0)
-    step = parallel.make_sharded_train_step(model, tx, loss_fn, mesh, "data", shardings)
+    step = parallel.make_sharded_train_step(model, tx, loss_fn, mesh, "data", shardings, input_key="image")
     losses = []
     for i in range(STEPS):
         batch = local if i == 0 else next(batches)

@@ -52,7 +52,7 @@ def test_two_processes_train_like_one_and_share_a_checkpoint(tmp_path, subproces
     model, tx, loss_fn, dataset, batch_size = make_problem()
     batches = data.BatchIterator(dataset, batch_size, seed=0)
     state = train.create_train_state(model, tx, dataset["image"][:1], seed=0)
-    step = train.make_train_step(model, tx, loss_fn)
+    step = train.make_train_step(model, tx, loss_fn, input_key="image")
     expected = []
     for _ in range(STEPS):
         state, metrics = step(state, next(batches))

@@ -102,9 +102,9 @@ def test_digits_at_90_percent_sparsity_within_a_point(name, steps):
                                                                                frequency=10))) if pruned else base
         state = train.create_train_state(model, tx, train_split["image"][:1])
         loss = train.classification_loss()
-        hooks = train.default_hooks(eval_step=train.make_eval_step(model, loss, num_classes=10),
+        hooks = train.default_hooks(eval_step=train.make_eval_step(model, loss, num_classes=10, input_key="image"),
                                     eval_data=test_split, eval_every=steps, progress=False)
-        result = train.fit(state, train.make_train_step(model, tx, loss), data.BatchIterator(train_split, 64),
+        result = train.fit(state, train.make_train_step(model, tx, loss, input_key="image"), data.BatchIterator(train_split, 64),
                            num_steps=steps, hooks=hooks)
         accuracies[pruned] = result.eval_metrics["accuracy"]
         if pruned:

@@ -140,9 +140,9 @@ def test_quantization_aware_training_with_fit():
         if name == "qat":
             assert "quant_stats" in state.model_state  # activation ranges, updated by the train step
         loss = train.classification_loss()
-        hooks = train.default_hooks(eval_step=train.make_eval_step(model, loss, num_classes=10),
+        hooks = train.default_hooks(eval_step=train.make_eval_step(model, loss, num_classes=10, input_key="image"),
                                     eval_data=test_split, eval_every=300, progress=False)
-        result = train.fit(state, train.make_train_step(model, tx, loss), data.BatchIterator(train_split, 64),
+        result = train.fit(state, train.make_train_step(model, tx, loss, input_key="image"), data.BatchIterator(train_split, 64),
                            num_steps=300, hooks=hooks)
         accuracies[name] = result.eval_metrics["accuracy"]
         if name == "qat":

@@ -278,7 +278,8 @@ def test_generate_streams_the_kv_cache_decoding(tmp_path):
             for body, message in [({"max_tokens": 3}, "non-empty \"prompt\""),
                                   ({"prompt": "hello", "max_tokens": 40}, "max_tokens must be an int >= 1 with"),
                                   ({"prompt": "hi", "temperature": -1}, "temperature must be a number >= 0"),
-                                  ({"prompt": "hi", "top_p": 0.9}, "unknown generation fields \\['top_p'\\]")]:
+                                  ({"prompt": "hi", "top_p": 0}, "top_p must be in \\(0, 1\\]"),
+                                  ({"prompt": "hi", "top_q": 0.9}, "unknown generation fields \\['top_q'\\]")]:
                 bad = client.post("/v1/models/gpt:generate", json=body)
                 assert bad.status_code == 400 and re.search(message, bad.json()["error"]), bad.json()
             not_gpt = client.post("/v1/models/digits:generate", json={"prompt": "hi"})

@@ -33,7 +33,7 @@ def _cnn_setup(seed: int = 0):
     state = train.create_train_state(model, tx, example, seed=seed)
     loss_fn = train.classification_loss(label_smoothing=0.1)
     augment = lambda key, x: data.random_translate(key, x, max_shift=1)  # noqa: E731
-    step = train.make_train_step(model, tx, loss_fn, augment_fn=augment)
+    step = train.make_train_step(model, tx, loss_fn, input_key="image", augment_fn=augment)
     return model, tx, state, loss_fn, step
 
 
@@ -91,7 +91,7 @@ def test_custom_layer_and_custom_loss_plug_into_the_same_step():
     batch = _tiny_data(64)
     model, tx = Model(), optax.adam(1e-2)
     state = train.create_train_state(model, tx, batch["image"], seed=0)
-    step = train.make_train_step(model, tx, hinge_loss, regularizer=lambda p: 1e-4 * ops.l2_penalty(p))
+    step = train.make_train_step(model, tx, hinge_loss, input_key="image", regularizer=lambda p: 1e-4 * ops.l2_penalty(p))
     first = None
     for _ in range(60):
         state, metrics = step(state, batch)
@@ -120,7 +120,7 @@ def test_loss_sees_the_augmented_inputs_the_model_saw():
         expected = model.apply({"params": state.params}, b["image"])
         return jnp.mean(outputs), {"gap": jnp.abs(outputs - expected).max(), "seen": b["image"].sum()}
 
-    step = train.make_train_step(model, tx, loss_fn, augment_fn=lambda key, x: 2.0 * x + 1.0)
+    step = train.make_train_step(model, tx, loss_fn, input_key="image", augment_fn=lambda key, x: 2.0 * x + 1.0)
     _, metrics = step(state, flat)
     assert float(metrics["gap"]) < 1e-5
     np.testing.assert_allclose(float(metrics["seen"]), float((2.0 * flat["image"] + 1.0).sum()), rtol=1e-5)
@@ -183,7 +183,7 @@ def test_resume_reproduces_uninterrupted_losses_exactly(tmp_path):
 def test_fit_logs_jsonl_tensorboard_plot_and_evaluates(tmp_path):
     split = _tiny_data(80)
     model, tx, state, loss_fn, step = _cnn_setup()
-    eval_step = train.make_eval_step(model, loss_fn, num_classes=4)
+    eval_step = train.make_eval_step(model, loss_fn, num_classes=4, input_key="image")
     out = str(tmp_path / "run")
     result = train.fit(state, step, data.BatchIterator(split, 16), epochs=2, hooks=train.default_hooks(
         out, eval_step=eval_step, eval_data=split, eval_batch_size=32, log_every=2, progress=False))
@@ -200,7 +200,7 @@ def test_fit_logs_jsonl_tensorboard_plot_and_evaluates(tmp_path):
 def test_evaluate_over_padded_batches_equals_whole_dataset():
     split = _tiny_data(70)
     model, tx, state, loss_fn, _ = _cnn_setup()
-    eval_step = train.make_eval_step(model, loss_fn, num_classes=4, top_k=(1, 2))
+    eval_step = train.make_eval_step(model, loss_fn, num_classes=4, input_key="image", top_k=(1, 2))
     got = train.evaluate(state, eval_step, data.iterate_once(split, 32, pad=True))  # 32 + 32 + 6 padded
 
     logits = model.apply(state.variables(), jnp.asarray(split["image"]), train=False)
@@ -222,10 +222,10 @@ def test_bad_input_raises_clear_errors():
         step(state, (batch["image"], batch["label"]))
     with pytest.raises(ValueError, match=r"random_translate: images must have rank 4.*\(8, 64\)"):
         step(state, {"image": batch["image"].reshape(8, 64), "label": batch["label"]})
-    plain_step = train.make_train_step(model, tx, loss_fn)
+    plain_step = train.make_train_step(model, tx, loss_fn, input_key="image")
     with pytest.raises(ValueError, match=r"CNN: x must have rank 4.*\(8, 64\)"):
         plain_step(state, {"image": batch["image"].reshape(8, 64), "label": batch["label"]})
-    bad_loss = train.make_train_step(model, tx, lambda logits, b: logits.sum(-1))
+    bad_loss = train.make_train_step(model, tx, lambda logits, b: logits.sum(-1), input_key="image")
     with pytest.raises(ValueError, match="scalar loss, got shape"):
         bad_loss(state, batch)
     batches = data.BatchIterator(batch, 4)
