@@ -5,19 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
+
 
 def path_str(path: tuple[Any, ...]) -> str:
-    """A ``jax.tree_util`` key path as ``"params/dense/kernel"``.
+    """A ``jax.tree_util`` key path as ``"params/dense/kernel"``
+    (``jax.tree_util.keystr`` with plain names and "/").
 
     Dict keys, attribute names and sequence indices all print as plain
     names, so a dataclass tree and the dict tree Orbax stores compare equal.
     """
-    parts = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey/FlattenedIndexKey
-            if hasattr(entry, attr):
-                parts.append(str(getattr(entry, attr)))
-                break
-        else:
-            parts.append(str(entry))
-    return "/".join(parts)
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")

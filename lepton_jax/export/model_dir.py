@@ -13,6 +13,7 @@ import datetime
 import importlib.metadata
 import json
 import os
+import shutil
 import sys
 import uuid
 import zipfile
@@ -252,15 +253,9 @@ def _write_version_dir(out_dir: str, version: int | None, blob: bytes, arrays: M
         try:
             os.rename(tmp, final)
         except OSError:  # another export took this number first
-            _remove_tree(tmp)
+            shutil.rmtree(tmp)
             if version is not None:
                 raise FileExistsError(f"export_model: version {version} already exists at {final}") from None
             continue
         return final
     raise RuntimeError(f"export_model: could not claim a new version number in {out_dir}")
-
-
-def _remove_tree(path: str) -> None:
-    for name in os.listdir(path):
-        os.remove(os.path.join(path, name))
-    os.rmdir(path)

@@ -78,9 +78,6 @@ def all_finite(tree: PyTree) -> jax.Array:
     return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
 
 
-def select_tree(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
-    """Leafwise ``where(pred, on_true, on_false)`` for two pytrees of the same structure."""
-    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
 def as_loss_scale(loss_scale: Any) -> DynamicLossScale | None:

@@ -128,7 +128,7 @@ def make_train_step(
             # and the scale (the data stream moves on, as in a normal step).
             finite = loss_scale.all_finite(grads)
             kept = (state.params, state.opt_state, state.model_state)
-            params, opt_state, model_state = loss_scale.select_tree(finite, (params, opt_state, new_model_state), kept)
+            params, opt_state, model_state = optax.tree.where(finite, (params, opt_state, new_model_state), kept)
             new_state = new_state.replace(params=params, opt_state=opt_state, model_state=model_state,
                                           loss_scale=scaler.adjust(finite))
             out["loss_scale"] = scaler.scale
