@@ -42,7 +42,7 @@ class MLPClassifier(linen.Module):
                 for i in range(len(widths) - 1)]
         axes.append(("mlp" if len(widths) % 2 == 0 else "embed", None) if len(widths) > 1 else (None, None))
         mlp = nn.MLP(features=widths, dropout_rate=self.dropout_rate, kernel_axes=axes)
-        return mlp(x_BxF, deterministic=not train)
+        return mlp(x_BxF, train=train)
 
 
 class CNN(linen.Module):

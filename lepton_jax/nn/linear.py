@@ -55,7 +55,8 @@ class MLP(linen.Module):
     """Dense layers of widths ``features`` with ``activation`` between them (not
     after the last) and dropout after each hidden activation.
 
-    ``kernel_axes``: optional logical axes per layer (see ``Dense``).
+    ``kernel_axes``: optional logical axes per layer (see ``Dense``). Dropout
+    runs only with ``train=True`` (the flag every lepton_jax model takes).
     """
 
     features: Sequence[int]
@@ -65,7 +66,7 @@ class MLP(linen.Module):
     kernel_axes: Sequence[tuple[str | None, str | None]] | None = None
 
     @linen.compact
-    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         if not self.features:
             raise ValueError("MLP: features must list at least one layer width, got ()")
         if self.kernel_axes is not None and len(self.kernel_axes) != len(self.features):
@@ -76,5 +77,5 @@ class MLP(linen.Module):
             if i < len(self.features) - 1:
                 x = self.activation(x)
                 if self.dropout_rate > 0:
-                    x = Dropout(self.dropout_rate)(x, deterministic=deterministic)
+                    x = Dropout(self.dropout_rate)(x, deterministic=not train)
         return x

@@ -16,7 +16,7 @@ X_BxHxWxC = jax.random.normal(KEY, (2, 6, 6, 3))
 # (module, input, apply kwargs, mutable collections, needs a dropout key)
 CASES = {
     "Dense": (nn.Dense(3), X_BxTxF, {}, False, False),
-    "MLP": (nn.MLP((8, 3), dropout_rate=0.2), X_BxTxF, {"deterministic": False}, False, True),
+    "MLP": (nn.MLP((8, 3), dropout_rate=0.2), X_BxTxF, {"train": True}, False, True),
     "Conv1D": (nn.Conv(3, kernel_size=(2,), strides=2), X_BxTxF, {}, False, False),
     "Conv2D": (nn.Conv(3, kernel_size=(3, 3), dilation=2), X_BxHxWxC, {}, False, False),
     "MaxPool": (nn.MaxPool((2, 2), padding="SAME"), X_BxHxWxC, {}, False, False),

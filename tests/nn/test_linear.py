@@ -58,18 +58,18 @@ def test_mlp_matches_numpy_and_gradients():
                 atol=1e-2, rtol=1e-2)
 
 
-def test_mlp_dropout_only_when_not_deterministic():
+def test_mlp_dropout_only_when_training():
     x = jnp.ones((4, 8))
     mlp = nn.MLP((16, 2), dropout_rate=0.5)
     variables = mlp.init(KEY, x)
     plain = nn.MLP((16, 2)).apply(variables, x)
-    np.testing.assert_array_equal(mlp.apply(variables, x), plain)  # deterministic by default
+    np.testing.assert_array_equal(mlp.apply(variables, x), plain)  # evaluation by default
     rngs = {"dropout": jax.random.key(3)}
-    dropped = mlp.apply(variables, x, deterministic=False, rngs=rngs)
+    dropped = mlp.apply(variables, x, train=True, rngs=rngs)
     assert not np.allclose(dropped, plain)
-    np.testing.assert_array_equal(dropped, mlp.apply(variables, x, deterministic=False, rngs=rngs))
+    np.testing.assert_array_equal(dropped, mlp.apply(variables, x, train=True, rngs=rngs))
     # Dropout sits after the hidden activation: each hidden unit is 0 or 2x its value.
-    _, state = mlp.apply(variables, x, deterministic=False, rngs=rngs, capture_intermediates=True)
+    _, state = mlp.apply(variables, x, train=True, rngs=rngs, capture_intermediates=True)
     p = variables["params"]
     hidden = np.asarray(jax.nn.relu(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]))
     dropped_hidden = np.asarray(state["intermediates"]["Dropout_0"]["__call__"][0])
