@@ -37,13 +37,14 @@ if TYPE_CHECKING:
     from lepton_jax.train.loop import Loop
 
 
-def check_every(owner: str, every: int | None, *, allow_none: bool = False) -> int | None:
-    """``every`` as a positive int (or ``None`` where allowed), else a ValueError naming ``owner``."""
-    if every is None and allow_none:
+def check_positive(owner: str, name: str, value: int | None, *, allow_none: bool = False) -> int | None:
+    """``value`` as a positive int (or ``None`` where allowed), else a ValueError
+    naming ``owner``, the argument ``name`` and what was received."""
+    if value is None and allow_none:
         return None
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"{owner}: every must be a positive int, got {every!r}")
-    return every
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+    return value
 
 
 class Hook:
@@ -56,7 +57,7 @@ class Hook:
     every: int = 1
 
     def __init__(self, every: int = 1) -> None:
-        self.every = check_every(type(self).__name__, every)
+        self.every = check_positive(type(self).__name__, "every", every)
 
     def on_start(self, loop: "Loop") -> None:
         """Before the first step (``loop.step`` is where training starts)."""
@@ -90,7 +91,7 @@ class FunctionHook(Hook):
 
 def every(n: int) -> Callable[[Callable[["Loop"], Any]], FunctionHook]:
     """Decorator: ``@train.every(100)`` makes ``fn(loop)`` a hook run every 100 steps."""
-    check_every("every", n)
+    check_positive("every", "n", n)
     return lambda fn: FunctionHook(fn, n)
 
 
@@ -172,9 +173,8 @@ class Evaluate(Hook):
     def __init__(self, eval_step: Callable, data: Mapping[str, np.ndarray], *, every: int | None = None,
                  batch_size: int = 256,
                  transform: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None) -> None:
-        self.every = check_every("Evaluate", every, allow_none=True)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"Evaluate: batch_size must be a positive int, got {batch_size!r}")
+        self.every = check_positive("Evaluate", "every", every, allow_none=True)
+        check_positive("Evaluate", "batch_size", batch_size)
         self.eval_step, self.data, self.transform, self.batch_size = eval_step, data, transform, batch_size
         self._last = None
 
@@ -263,7 +263,7 @@ class Checkpoint(Hook):
     def __init__(self, output_dir: str, *, every: int | None = None, max_to_keep: int = 3,
                  options: Mapping[str, Any] | None = None, logical_axes: Any = None,
                  extra: Mapping[str, Any] | None = None, resume: bool = False) -> None:
-        self.every = check_every("Checkpoint", every, allow_none=True)
+        self.every = check_positive("Checkpoint", "every", every, allow_none=True)
         self.output_dir, self.max_to_keep, self.options = output_dir, max_to_keep, dict(options or {})
         self.logical_axes, self.extra, self.resume = logical_axes, dict(extra or {}), resume
         self.manager = None
@@ -381,8 +381,7 @@ def default_hooks(
 
     Returns a list: add your own hooks to it (``EarlyStopping``, ...).
     """
-    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
-        raise ValueError(f"default_hooks: log_every must be a positive int, got {log_every!r}")
+    check_positive("default_hooks", "log_every", log_every)
     if (eval_step is None) != (eval_data is None):
         raise ValueError("default_hooks: eval_step and eval_data must be given together")
     if (resume or checkpoint_every) and output_dir is None:

@@ -10,7 +10,7 @@ import jax
 import optax
 from optax.contrib import ReduceLROnPlateauState, reduce_on_plateau
 
-from lepton_jax.train.hooks import Hook
+from lepton_jax.train.hooks import Hook, check_positive
 
 if TYPE_CHECKING:
     from lepton_jax.train.loop import Loop
@@ -43,8 +43,7 @@ class EarlyStopping(Hook):
                  restore_best: bool = False, split: str = "eval") -> None:
         super().__init__()
         self.metric, self.mode, self.split = metric, _check_mode("EarlyStopping", mode), split
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"EarlyStopping: patience must be a positive int, got {patience!r}")
+        check_positive("EarlyStopping", "patience", patience)
         if not (isinstance(min_delta, (int, float)) and min_delta >= 0):
             raise ValueError(f"EarlyStopping: min_delta must be a number >= 0, got {min_delta!r}")
         self.patience, self.min_delta, self.restore_best = patience, float(min_delta), restore_best

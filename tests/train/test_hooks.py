@@ -102,7 +102,7 @@ def test_reduce_lr_on_plateau_follows_optax_and_scales_the_updates():
     values = [1.0, 0.9, 0.95, 0.92, 0.91, 0.97, 0.99, 0.5, 0.6, 0.7, 0.8]
     hook = train.ReduceLROnPlateau("loss", factor=0.5, patience=2, cooldown=1)
     tx = optax.chain(optax.sgd(0.1), hook.transform())
-    state, step, batches, _, _ = _setup(tx)
+    state, step, batches, split, _ = _setup(tx)
     scales = []
     record = train.every(1)(lambda loop: scales.append(hook.scale))
     result = train.fit(state, step, batches, num_steps=len(values), hooks=[_Scripted(values), hook, record])
@@ -121,7 +121,7 @@ def test_reduce_lr_on_plateau_follows_optax_and_scales_the_updates():
     assert float(node.scale) == want[-1]
 
     # A step under the final scale s moves the parameters s times as far as plain SGD.
-    batch = next(data.BatchIterator(_setup()[3], 16, seed=9))
+    batch = next(data.BatchIterator(split, 16, seed=9))
     plain_state, plain_step, *_ = _setup(optax.sgd(0.1))
     plain_new, _ = plain_step(plain_state.replace(params=result.state.params), batch)
     scaled_new, _ = step(result.state, batch)

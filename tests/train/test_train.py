@@ -245,3 +245,7 @@ def test_bad_input_raises_clear_errors():
         train.EarlyStopping("loss", mode="lowest")
     with pytest.raises(ValueError, match="EarlyStopping: patience must be a positive int, got 0"):
         train.EarlyStopping("loss", patience=0)
+    with pytest.raises(ValueError, match="Evaluate: batch_size must be a positive int, got -4"):
+        train.Evaluate(step, batch, batch_size=-4)
+    with pytest.raises(ValueError, match="ReduceLROnPlateau: mode must be 'min' or 'max', got 'up'"):
+        train.ReduceLROnPlateau("loss", mode="up")
