@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -40,19 +41,13 @@ def flatten(tree: PyTree, is_leaf: Any = None) -> dict[str, Any]:
 def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     """Nested dicts from '/'-joined names (the inverse of ``flatten`` for trees
     of dicts; list indices come back as string keys)."""
-    tree: dict[str, Any] = {}
-    for name, value in flat.items():
-        *parents, last = name.split(SEPARATOR)
-        node = tree
-        for i, part in enumerate(parents):
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"unflatten: {name!r} lies under {SEPARATOR.join(parents[:i + 1])!r}, "
-                                 "which is itself an array")
-        if last in node:
-            raise ValueError(f"unflatten: {name!r} is both an array and a prefix of other names")
-        node[last] = value
-    return tree
+    names = set(flat)
+    for name in flat:
+        parts = name.split(SEPARATOR)
+        for i in range(1, len(parts)):
+            if (prefix := SEPARATOR.join(parts[:i])) in names:
+                raise ValueError(f"unflatten: {name!r} lies under {prefix!r}, which is itself an array")
+    return traverse_util.unflatten_dict(dict(flat), sep=SEPARATOR)
 
 
 def save_safetensors(tree: PyTree, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> None:

@@ -1,8 +1,8 @@
 """A GPT-style decoder annotated with logical axes for SPMD training.
 
 Every parameter carries logical axis names (``embed``, ``mlp``, ``heads``,
-``kv_heads``, ``head_dim``, ``vocab``) through
-``flax.linen.with_logical_partitioning``, and activations are constrained to
+``kv_heads``, ``head_dim``, ``vocab``) through ``nn.logical_param`` (as
+``nn.Dense(kernel_axes=...)`` does), and activations are constrained to
 ``("batch", "seq", "embed")`` between blocks, so ``lepton_jax.parallel``
 rules decide data / FSDP / tensor parallelism. Attention and norms go
 through ``lepton_jax.ops`` (``implementation=`` picks the kernels).
@@ -66,8 +66,7 @@ class LMHead(NamedTuple):
 
 
 def _param(module: linen.Module, name: str, shape, axes, init=None) -> jax.Array:
-    init = init or linen.initializers.normal(stddev=0.02)
-    return module.param(name, linen.with_logical_partitioning(init, axes), shape, jnp.float32)
+    return nn.logical_param(module, name, init or linen.initializers.normal(stddev=0.02), shape, axes)
 
 
 def _constrain(x: jax.Array) -> jax.Array:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as linen
 import jax
@@ -61,3 +61,11 @@ def cast(x, dtype):
     are wrapped (e.g. qwix's quantized weights) then reach the matmul as they
     are, so its interception sees the quantized array."""
     return x if getattr(x, "dtype", None) == jnp.dtype(dtype) else x.astype(dtype)
+
+
+def compute_dtype_of_input(x: Any, *params: Any, dtype: Any = None, inexact: bool = True) -> tuple[Any, ...]:
+    """A ``promote_dtype`` for linen's layers: every array in ``dtype``, or in
+    ``x``'s dtype when ``dtype`` is None (``None`` entries stay ``None``)."""
+    del inexact  # the layers check that x is floating point
+    target = dtype or jnp.asarray(x).dtype
+    return tuple(None if a is None else cast(a, target) for a in (x, *params))

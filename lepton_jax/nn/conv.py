@@ -1,4 +1,4 @@
-"""1D and 2D convolutions (channels last)."""
+"""1D and 2D convolutions (channels last): ``flax.linen.Conv`` with checks."""
 
 from __future__ import annotations
 
@@ -6,18 +6,20 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as linen
 import jax
-import jax.numpy as jnp
 
-from lepton_jax.nn._checks import as_tuple, cast, check_stored_in_features, spatial_window
+from lepton_jax.nn._checks import as_tuple, compute_dtype_of_input, spatial_window
 
 Padding = str | int | Sequence[tuple[int, int]]
+_PADDINGS = ("SAME", "VALID", "CIRCULAR", "REFLECT", "CAUSAL")
 
 
-def conv_padding(where: str, padding: Padding, n: int) -> str | list[tuple[int, int]]:
-    """"SAME"/"VALID", an int for every side, or ``n`` ``(low, high)`` pairs."""
+def conv_padding(where: str, padding: Padding, n: int,
+                 modes: Sequence[str] = ("SAME", "VALID")) -> str | list[tuple[int, int]]:
+    """One of ``modes``, an int for every side, or ``n`` ``(low, high)`` pairs."""
     if isinstance(padding, str):
-        if padding.upper() not in ("SAME", "VALID"):
-            raise ValueError(f"{where}: padding must be 'SAME', 'VALID', an int or (low, high) pairs, got {padding!r}")
+        if padding.upper() not in modes:
+            raise ValueError(f"{where}: padding must be {', '.join(map(repr, modes))}, an int or (low, high) pairs, "
+                             f"got {padding!r}")
         return padding.upper()
     if isinstance(padding, int):
         return [(padding, padding)] * n
@@ -27,43 +29,36 @@ def conv_padding(where: str, padding: Padding, n: int) -> str | list[tuple[int, 
     return pairs
 
 
-class Conv(linen.Module):
-    """Cross-correlation over 1 or 2 spatial axes (``len(kernel_size)``; an int
-    kernel_size covers every spatial axis of ``x``).
+class Conv(linen.Conv):
+    """``flax.linen.Conv``: cross-correlation over 1 or 2 spatial axes.
 
     ``x`` is ``[B, L, C]`` (1D) or ``[B, H, W, C]`` (2D) -> ``[B, L', features]``
-    or ``[B, H', W', features]``. ``strides`` and ``dilation`` (kernel
-    dilation) are ints or per-axis; ``padding`` is "SAME", "VALID", an int for
-    every side or per-axis ``(low, high)`` pairs. Kernel: ``[*kernel_size, C, features]``.
+    or ``[B, H', W', features]``; kernel ``[*kernel_size, C, features]``.
+    Added here: an int ``kernel_size`` covers every spatial axis of ``x``
+    (linen reads it as 1D), ``dtype=None`` computes in the input's dtype, and
+    an input of the wrong rank, dtype or channel count gets an error naming
+    what was received (linen would fold extra axes into the batch). Every
+    linen field (``kernel_dilation``, ``feature_group_count``, ...) works as
+    in linen.
     """
 
-    features: int
     kernel_size: int | Sequence[int]
-    strides: int | Sequence[int] = 1
-    padding: Padding = "SAME"
-    dilation: int | Sequence[int] = 1
-    use_bias: bool = True
-    kernel_init: Callable[..., jax.Array] = linen.initializers.lecun_normal()
-    bias_init: Callable[..., jax.Array] = linen.initializers.zeros_init()
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
+    promote_dtype: Callable[..., tuple[Any, ...]] = compute_dtype_of_input
 
     @linen.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel_size = spatial_window("Conv", "kernel_size", self.kernel_size, x)
         n = len(kernel_size)
-        strides = as_tuple("Conv", "strides", self.strides, n)
-        dilation = as_tuple("Conv", "dilation", self.dilation, n)
-        padding = conv_padding("Conv", self.padding, n)
-        check_stored_in_features(self, "Conv", x, -2, "channels")
-        kernel = self.param("kernel", self.kernel_init, (*kernel_size, x.shape[-1], self.features), self.param_dtype)
-        dtype = self.dtype or x.dtype
-        spatial = "HW"[:n]
-        dims = jax.lax.conv_dimension_numbers(
-            x.shape, kernel.shape, (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
-        y = jax.lax.conv_general_dilated(
-            cast(x, dtype), cast(kernel, dtype), window_strides=strides, padding=padding,
-            rhs_dilation=dilation, dimension_numbers=dims)
-        if self.use_bias:
-            y = y + cast(self.param("bias", self.bias_init, (self.features,), self.param_dtype), dtype)
-        return y
+        for name in ("strides", "input_dilation", "kernel_dilation"):
+            as_tuple("Conv", name, getattr(self, name) or 1, n)
+        padding = conv_padding("Conv", self.padding, n, _PADDINGS)
+        if self.has_variable("params", "kernel"):
+            stored = linen.meta.unbox(self.get_variable("params", "kernel"))
+            channels = stored.shape[-2] * self.feature_group_count
+            if x.shape[-1] != channels:
+                raise ValueError(f"Conv: x must have {channels} channels (last axis), got shape {x.shape}")
+        if kernel_size != self.kernel_size or padding != self.padding:
+            # The same module with the spelled-out fields, bound to this scope:
+            # the parameters are this layer's own ("kernel", "bias").
+            return super(Conv, self.clone(parent=self.scope, kernel_size=kernel_size, padding=padding)).__call__(x)
+        return super().__call__(x)

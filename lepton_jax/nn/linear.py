@@ -6,49 +6,37 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as linen
 import jax
-import jax.numpy as jnp
 
-from lepton_jax.nn._checks import cast, check_float_input, check_stored_in_features
+from lepton_jax.nn._checks import check_float_input, check_stored_in_features, compute_dtype_of_input
+from lepton_jax.nn.axes import logical_param
 from lepton_jax.nn.dropout import Dropout
 
-Initializer = Callable[..., jax.Array]
 
+class Dense(linen.Dense):
+    """``flax.linen.Dense``: ``y = x @ kernel + bias``, ``[..., in] -> [..., features]``.
 
-class Dense(linen.Module):
-    """``y = x @ kernel + bias``: ``[..., in] -> [..., features]``.
-
-    ``dtype`` is the compute dtype (default: the input's); parameters are
-    stored in ``param_dtype``. ``kernel_axes`` (e.g. ``("embed", "mlp")``)
-    names the kernel's logical axes for ``lepton_jax.parallel`` rules; the
-    bias takes the output axis's name.
+    Added here: ``dtype=None`` computes in the input's dtype (linen promotes
+    to the params'), ``kernel_axes`` (e.g. ``("embed", "mlp")``) names the
+    kernel's logical axes for ``lepton_jax.parallel`` rules (the bias takes
+    the output axis's name), and an integer input or one of the wrong width
+    gets an error naming what was received. Every linen field
+    (``dot_general`` for quantizers, ``precision``, ...) works as in linen.
     """
 
-    features: int
-    use_bias: bool = True
-    kernel_init: Initializer = linen.initializers.lecun_normal()
-    bias_init: Initializer = linen.initializers.zeros_init()
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
+    promote_dtype: Callable[..., tuple[Any, ...]] = compute_dtype_of_input
     kernel_axes: tuple[str | None, str | None] | None = None
 
     @linen.compact
     def __call__(self, x_NxI: jax.Array) -> jax.Array:
         check_float_input("Dense", x_NxI)
         check_stored_in_features(self, "Dense", x_NxI, 0, "input features")
-        kernel_init, bias_init = self.kernel_init, self.bias_init
+        return super().__call__(x_NxI)
+
+    def param(self, name: str, init_fn: Callable[..., Any], shape: Sequence[int], dtype: Any) -> Any:
+        axes = None
         if self.kernel_axes is not None:
-            kernel_init = linen.with_logical_partitioning(kernel_init, tuple(self.kernel_axes))
-            bias_init = linen.with_logical_partitioning(bias_init, (self.kernel_axes[1],))
-        kernel_IxF = self.param("kernel", kernel_init, (x_NxI.shape[-1], self.features), self.param_dtype)
-        dtype = self.dtype or x_NxI.dtype
-        # lax.dot_general, not jnp.dot (a jitted wrapper): quantization libraries
-        # that intercept dot_general (qwix) then see it in this module's scope.
-        x_NxI = cast(x_NxI, dtype)
-        y_NxF = jax.lax.dot_general(x_NxI, cast(kernel_IxF, dtype), (((x_NxI.ndim - 1,), (0,)), ((), ())))
-        if self.use_bias:
-            bias_F = self.param("bias", bias_init, (self.features,), self.param_dtype)
-            y_NxF = y_NxF + cast(bias_F, dtype)
-        return y_NxF
+            axes = {"kernel": tuple(self.kernel_axes), "bias": (self.kernel_axes[1],)}[name]
+        return logical_param(self, name, init_fn, shape, axes, dtype)
 
 
 class MLP(linen.Module):

@@ -53,8 +53,8 @@ class RMSNorm(linen.Module):
         return rms_norm(x, scale, eps=self.eps, implementation=self.implementation)
 
 
-class BatchNorm(linen.Module):
-    """Batch normalization over every axis but the last.
+class BatchNorm(linen.BatchNorm):
+    """``flax.linen.BatchNorm``: over every axis but ``axis`` (default the last).
 
     Training (``use_running_average=False``) normalizes with the batch's
     statistics and updates the running ``mean``/``var`` in the
@@ -62,46 +62,22 @@ class BatchNorm(linen.Module):
     ``running = momentum * running + (1 - momentum) * batch``. Evaluation uses
     the running statistics. With ``axis_name``, batch statistics are averaged
     over that mapped axis (``pmap``/``shard_map`` data parallelism).
-    Statistics are fp32 and the variance is the biased (population) one; the
-    output has ``x``'s dtype. ``x``: ``[..., C]``, rank >= 2; params ``scale``,
-    ``bias``: ``[C]``. Initialization does not touch the running statistics.
+    ``x``: ``[..., C]``, rank >= 2; params ``scale``, ``bias``: ``[C]``.
+
+    Added here: the statistics are fp32 and two-pass (mean, then mean squared
+    deviation: ``use_fast_variance=False``, as E[x^2] - E[x]^2 cancels when
+    |mean| >> std), the output has ``x``'s dtype (linen promotes to the
+    params'), and a bad momentum or input gets an error naming it.
     """
 
-    momentum: float = 0.99
-    eps: float = 1e-5
-    use_running_average: bool | None = None
-    axis_name: str | None = None
-    param_dtype: Any = jnp.float32
+    use_fast_variance: bool = False
 
     @linen.compact
-    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask: jax.Array | None = None
+                 ) -> jax.Array:
         if not 0.0 <= self.momentum <= 1.0:
             raise ValueError(f"BatchNorm: momentum must be in [0, 1], got {self.momentum}")
-        use_running_average = linen.merge_param("use_running_average", self.use_running_average, use_running_average)
         check_float_input("BatchNorm", x, min_rank=2)
-        check_stored_in_features(self, "BatchNorm", x, 0, "features", param="scale")
-        features = (x.shape[-1],)
-        running_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
-        running_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
-        scale = self.param("scale", linen.initializers.ones_init(), features, self.param_dtype)
-        bias = self.param("bias", linen.initializers.zeros_init(), features, self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        if use_running_average:
-            mean, var = running_mean.value, running_var.value
-        else:
-            axes = tuple(range(x.ndim - 1))
-            sync = self.axis_name is not None and not self.is_initializing()
-            # Two passes (mean, then mean squared deviation) rather than
-            # E[x^2] - E[x]^2, which cancels catastrophically in fp32 when
-            # |mean| >> std. Across devices that is two small pmeans.
-            mean = jnp.mean(x32, axis=axes)
-            if sync:
-                mean = jax.lax.pmean(mean, self.axis_name)
-            var = jnp.mean(jnp.square(x32 - mean), axis=axes)
-            if sync:
-                var = jax.lax.pmean(var, self.axis_name)
-            if not self.is_initializing():
-                running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
-                running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
-        return y.astype(x.dtype)
+        if self.axis == -1:
+            check_stored_in_features(self, "BatchNorm", x, 0, "features", param="scale")
+        return super().__call__(x, use_running_average, mask=mask).astype(self.dtype or x.dtype)

@@ -74,7 +74,7 @@ def test_conv_matches_direct_loops(kernel, strides, padding, dilation):
     n = len(kernel)
     sizes = (7, 6)[:n]
     x = np.random.default_rng(1).normal(size=(2, *sizes, 3)).astype(np.float32)
-    conv = nn.Conv(4, kernel_size=kernel, strides=strides, padding=padding, dilation=dilation)
+    conv = nn.Conv(4, kernel_size=kernel, strides=strides, padding=padding, kernel_dilation=dilation)
     variables = conv.init(KEY, x)
     y = conv.apply(variables, x)
     w, b = np.asarray(variables["params"]["kernel"]), np.asarray(variables["params"]["bias"])
@@ -95,7 +95,7 @@ def test_conv_int_kernel_size_covers_every_spatial_axis_and_dtype():
 
 
 def test_conv_gradients():
-    conv = nn.Conv(2, kernel_size=(2, 2), strides=(2, 1), dilation=(1, 2))
+    conv = nn.Conv(2, kernel_size=(2, 2), strides=(2, 1), kernel_dilation=(1, 2))
     x = jax.random.normal(KEY, (1, 5, 5, 2))
     variables = conv.init(KEY, x)
     check_grads(lambda v, x: conv.apply(v, x), (variables, x), order=1, modes=("rev",), atol=1e-2, rtol=1e-2)

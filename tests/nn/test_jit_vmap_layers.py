@@ -18,7 +18,7 @@ CASES = {
     "Dense": (nn.Dense(3), X_BxTxF, {}, False, False),
     "MLP": (nn.MLP((8, 3), dropout_rate=0.2), X_BxTxF, {"train": True}, False, True),
     "Conv1D": (nn.Conv(3, kernel_size=(2,), strides=2), X_BxTxF, {}, False, False),
-    "Conv2D": (nn.Conv(3, kernel_size=(3, 3), dilation=2), X_BxHxWxC, {}, False, False),
+    "Conv2D": (nn.Conv(3, kernel_size=(3, 3), kernel_dilation=2), X_BxHxWxC, {}, False, False),
     "MaxPool": (nn.MaxPool((2, 2), padding="SAME"), X_BxHxWxC, {}, False, False),
     "AvgPool": (nn.AvgPool((3,), strides=1, padding="SAME"), X_BxTxF, {}, False, False),
     "Embed": (nn.Embed(7, 3), jnp.array([[1, 6], [0, 2]]), {}, False, False),
