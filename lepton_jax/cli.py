@@ -3,6 +3,8 @@
     lepton-jax info                       # versions and devices
     lepton-jax train digits --model cnn   # run a recipe with config overrides
     lepton-jax train --list               # the recipes installed
+    lepton-jax train digits --config runs/tune/digits/best.json  # a config file (e.g. tune's best)
+    lepton-jax tune digits --model=mlp --space "learning_rate=loguniform(1e-4,1e-1)" --metric accuracy
     lepton-jax ckpt ls runs/x/checkpoints # list, inspect, diff, convert, verify checkpoints
     lepton-jax export --recipe digits --ckpt runs/digits --out models/digits  # a versioned model directory
     lepton-jax serve models/digits --port 8000 # HTTP predictions with dynamic batching
@@ -47,8 +49,48 @@ def _train(recipe: str | None, overrides: list[str], list_only: bool) -> int:
     if recipe not in available:
         print(f"lepton-jax train: unknown recipe {recipe!r}; available: {available}", file=sys.stderr)
         return 2
+    overrides = _config_file_overrides(recipe, overrides)
     registry.get(recipe).main(overrides)
     return 0
+
+
+def _config_file_overrides(recipe: str, overrides: list[str]) -> list[str]:
+    """``--config FILE.json`` (e.g. ``lepton-jax tune``'s best.json, or a
+    results.json) replaced by its config's ``--field=value`` overrides; the
+    other overrides, given after it, win. ``--config`` of a recipe whose config
+    has a field of that name (``gpt --config tiny``) is left alone."""
+    import json
+    import os
+
+    from lepton_jax import config as config_lib
+
+    out, i = [], 0
+    while i < len(overrides):
+        arg = overrides[i]
+        path = None
+        if arg.startswith("--config="):
+            path = arg.partition("=")[2]
+        elif arg == "--config" and i + 1 < len(overrides):
+            path = overrides[i + 1]
+        if path is not None and path.endswith(".json"):
+            if not os.path.isfile(path):
+                raise CommandError(f"lepton-jax train {recipe}: --config {path}: no such file")
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            values = data.get("config") if isinstance(data, dict) and isinstance(data.get("config"), dict) else data
+            if not isinstance(values, dict):
+                raise CommandError(f"lepton-jax train {recipe}: --config {path}: expected a JSON object "
+                                   f"(or one with a \"config\" object), got {type(values).__name__}")
+            out = [*config_lib.to_overrides(values), *out]
+            i += 1 if "=" in arg else 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+class CommandError(Exception):
+    """A usage error of the command line, printed as one line."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,6 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ckpt = commands.add_parser("ckpt", add_help=False, help="list, inspect, diff, convert and verify checkpoints "
                                "(lepton-jax ckpt -h for more)")
     ckpt.add_argument("args", nargs=argparse.REMAINDER)
+    tune = commands.add_parser("tune", add_help=False, help="hyper-parameter search over a recipe's config on Optuna "
+                               "(lepton-jax tune -h for more)")
+    tune.add_argument("args", nargs=argparse.REMAINDER)
     export = commands.add_parser("export", help="export a recipe's checkpoint to a versioned model directory")
     export.add_argument("--recipe", required=True, help="the registered recipe that trained it (lepton-jax train --list)")
     export.add_argument("--ckpt", required=True, help="checkpoint directory (or the run's output directory)")
@@ -92,6 +137,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         # Options before the verb (e.g. -h) land in rest; the verb and all after it in args.args.
         return run_ckpt([*rest, *args.args])
+    if args.command == "tune":
+        from lepton_jax.tune.cli import TuneError, tune as run_tune
+
+        try:
+            return run_tune([*rest, *args.args])
+        except (TuneError, ValueError, KeyError, TypeError) as error:
+            message = error.args[0] if isinstance(error, KeyError) and error.args else error
+            print(f"lepton-jax tune: {message}", file=sys.stderr)
+            return 2
     if args.command == "export":
         if rest:
             parser.error(f"export: unrecognized arguments {rest}")
@@ -107,7 +161,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rest:
             parser.error(f"info takes no arguments, got {rest}")
         return _info()
-    return _train(args.recipe, rest, args.list)
+    try:
+        return _train(args.recipe, rest, args.list)
+    except CommandError as error:
+        print(error, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

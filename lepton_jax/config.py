@@ -8,7 +8,7 @@ by the field's current type (bool, int, float, str, tuples of those).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -56,6 +56,30 @@ def override(config: Any, argv: Sequence[str]) -> Any:
 def to_dict(config: Any) -> dict[str, Any]:
     """A JSON-able dict of a (nested) dataclass config."""
     return dataclasses.asdict(config)
+
+
+def to_overrides(values: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``--name=value`` strings that ``override`` reads back as ``values``
+    (a dict from ``to_dict``; nested dicts become dotted names).
+
+    >>> to_overrides({"lr": 0.5, "resume": True, "sizes": (64, 32), "model": {"width": 8}})
+    ['--lr=0.5', '--resume=true', '--sizes=64,32', '--model.width=8']
+    """
+    args = []
+    for name, value in values.items():
+        if isinstance(value, Mapping):
+            args += to_overrides(value, f"{prefix}{name}.")
+            continue
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (list, tuple)):
+            text = ",".join(str(v) for v in value)
+        elif isinstance(value, float):
+            text = repr(value)
+        else:
+            text = "none" if value is None else str(value)
+        args.append(f"--{prefix}{name}={text}")
+    return args
 
 
 def _lookup(config: Any, dotted: str) -> Any:

@@ -68,12 +68,20 @@ class Recipe:
         the dict the checkpoint saved under ``extra["config"]``; ``None`` if
         the recipe's models cannot be exported.
       description: one line for listings.
+      config: the default config (a frozen dataclass) that ``main``'s
+        ``--field=value`` overrides; what ``lepton-jax tune`` searches.
+      run: ``run(config, hooks) -> results``: trains with ``config``, adding
+        ``hooks`` to ``fit``'s, and returns a dict with ``"val_metrics"``
+        (the last evaluation on the validation split, never the test split)
+        and ``"num_params"``; ``None`` if the recipe cannot be tuned.
     """
 
     name: str
     main: Callable[[Sequence[str] | None], Any]
     export: Callable[[Any, int, Mapping[str, Any]], ExportParts] | None = None
     description: str = ""
+    config: Any = None
+    run: Callable[[Any, Sequence[Any]], Mapping[str, Any]] | None = None
 
 
 def _entry_points() -> dict[str, metadata.EntryPoint]:

@@ -120,8 +120,9 @@ def load_splits(seed: int) -> tuple[dict, dict, dict, data.Normalizer]:
     return (*splits, normalizer)
 
 
-def run(config: DigitsConfig) -> dict:
-    """Trains, evaluates on the test split and writes the outputs. Returns the results."""
+def run(config: DigitsConfig, extra_hooks: Sequence[train.Hook] = ()) -> dict:
+    """Trains (``extra_hooks`` join the default ones), evaluates on the test split
+    and writes the outputs. Returns the results."""
     config = resolve(config)
     os.makedirs(config.out, exist_ok=True)
     train_split, val_split, test_split, normalizer = load_splits(config.seed)
@@ -174,6 +175,7 @@ def run(config: DigitsConfig) -> dict:
         resume=config.resume, progress=config.progress,
         extra={"config": config_lib.to_dict(config), "normalizer": normalizer.to_dict()},
     )
+    hooks = [*hooks, *extra_hooks]
     result = train.fit(state, train_step, batches, num_steps=total_steps, hooks=hooks)
     seconds = time.perf_counter() - started
 
@@ -187,6 +189,9 @@ def run(config: DigitsConfig) -> dict:
         "test_macro_f1": test["macro_f1"],
         "test_loss": test["loss"],
         "val_accuracy": result.eval_metrics["accuracy"] if result.eval_metrics else None,
+        "val_metrics": {k: float(v) for k, v in (result.eval_metrics or {}).items() if np.ndim(v) == 0},
+        "num_params": train.count_params(result.state.params),
+        "stop_reason": result.stop_reason,
         "train_seconds": seconds,
         "steps": int(result.state.step),
         "resumed_from": result.resumed_from,
@@ -234,7 +239,7 @@ def export(manager: checkpoint.CheckpointManager, step: int, config: dict) -> re
         preprocessing={"normalize": {"mean": normalizer["mean"], "std": normalizer["std"]}}, calibration=calibration)
 
 
-RECIPE = registry.Recipe(name="digits", main=main, export=export,
+RECIPE = registry.Recipe(name="digits", main=main, export=export, config=DigitsConfig(), run=run,
                          description="an 8x8 digits classifier (MLP, CNN or LSTM) to >= 98% test accuracy")
 
 if __name__ == "__main__":

@@ -107,7 +107,8 @@ def build(run: RunConfig):
     return run, models.GPT(model_config), tx
 
 
-def train_run(run: RunConfig) -> dict:
+def train_run(run: RunConfig, extra_hooks: Sequence[train.Hook] = ()) -> dict:
+    """Trains (``extra_hooks`` join the recipe's) and returns the summary."""
     run, model, tx = build(run)
     tokens = data.load_bytes(run.data.split(",") if run.data else None, max_bytes=run.max_bytes)
     train_tokens, val_tokens = data.split_tokens(tokens, 0.05)
@@ -147,13 +148,15 @@ def train_run(run: RunConfig) -> dict:
                          logical_axes=parallel.param_logical_axes(model, example)),
         train.MetricFiles(run.out),
         train.PlotCurves(run.out),
+        *extra_hooks,
     ]
     result = train.fit(state, step, batches, num_steps=run.steps, hooks=hooks)
     seconds = time.perf_counter() - started
     bpb = result.eval_metrics["bits_per_byte"]
     summary = {"config": run.config, "steps": int(result.state.step), "val_bits_per_byte": bpb,
                "train_seconds": seconds, "num_params": num_params, "resumed_from": result.resumed_from,
-               "preempted": result.preempted}
+               "preempted": result.preempted, "stop_reason": result.stop_reason,
+               "val_metrics": {k: float(v) for k, v in result.eval_metrics.items() if np.ndim(v) == 0}}
     with open(os.path.join(run.out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
     print(f"validation {bpb:.3f} bits/byte after {summary['steps']} steps, {seconds:.0f}s | outputs in {run.out}")
@@ -209,7 +212,7 @@ def export(manager: checkpoint.CheckpointManager, step: int, config: dict) -> re
         decoder="bytes")
 
 
-RECIPE = registry.Recipe(name="gpt", main=main, export=export,
+RECIPE = registry.Recipe(name="gpt", main=main, export=export, config=RunConfig(), run=train_run,
                          description="a byte-level GPT on text (tiny to gpt2-124m configs), any mesh")
 
 if __name__ == "__main__":

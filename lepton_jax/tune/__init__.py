@@ -1,0 +1,13 @@
+"""Hyper-parameter search on Optuna: search spaces over recipe configs, studies
+in SQLite or PostgreSQL, pruning from ``fit``'s evaluations (``lepton-jax tune``)."""
+
+from lepton_jax.tune.space import apply_params, grid, parse_distribution, parse_space
+from lepton_jax.tune.study import (
+    DIRECTIONS, PRUNERS, SAMPLERS, PruningHook, best_trials, make_pruner, make_sampler, make_storage, run, sqlite_url,
+    suggest,
+)
+
+__all__ = [
+    "DIRECTIONS", "PRUNERS", "PruningHook", "SAMPLERS", "apply_params", "best_trials", "grid", "make_pruner",
+    "make_sampler", "make_storage", "parse_distribution", "parse_space", "run", "sqlite_url", "suggest",
+]

@@ -1,0 +1,209 @@
+"""Hyper-parameter studies on Optuna: samplers, pruners, storage and the trial loop.
+
+``run`` searches a ``space`` over a config dataclass with any Optuna sampler
+(grid, random, TPE, GP, CMA-ES, NSGA-II) and pruner, in an Optuna RDB
+storage (an SQLite file by default; ``postgresql://...`` to share a study
+between processes and machines). It runs until ``n_trials`` trials of the
+study have finished (completed or pruned), counting those of earlier runs and
+of other workers, so a study killed midway continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import warnings
+from typing import Any, Callable, Mapping, Sequence
+
+import optuna
+
+from lepton_jax.train.hooks import Hook
+from lepton_jax.tune import space as space_lib
+
+SAMPLERS = ("grid", "random", "tpe", "gp", "cmaes", "nsga2")
+PRUNERS = ("none", "median", "hyperband")
+DIRECTIONS = ("maximize", "minimize")
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+# A trial whose process died stops beating; after the grace period any worker marks it failed.
+HEARTBEAT_SECONDS, GRACE_SECONDS = 2, 6
+
+
+def make_sampler(name: str, space: Mapping[str, Any], seed: int | None = None) -> optuna.samplers.BaseSampler:
+    """Optuna's sampler called ``name`` (one of ``SAMPLERS``), seeded."""
+    if name == "grid":
+        return optuna.samplers.GridSampler(space_lib.grid(space), seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    raise ValueError(f"tune: sampler must be one of {SAMPLERS}, got {name!r}")
+
+
+def make_pruner(name: str) -> optuna.pruners.BasePruner:
+    """Optuna's pruner called ``name`` (one of ``PRUNERS``)."""
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    raise ValueError(f"tune: pruner must be one of {PRUNERS}, got {name!r}")
+
+
+def make_storage(url: str) -> optuna.storages.RDBStorage:
+    """An Optuna RDB storage (``sqlite:///path``, ``postgresql://...``) with
+    heartbeats, so the trials of a killed process are marked failed."""
+    with warnings.catch_warnings():  # heartbeats are marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
+
+
+def sqlite_url(path: str | os.PathLike) -> str:
+    """The SQLAlchemy URL of an SQLite file (created with its folder when needed)."""
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+class PruningHook(Hook):
+    """Reports ``metric`` of each evaluation row to an Optuna trial and stops
+    ``fit`` when the trial's pruner says so (``pruned`` is then True; raise
+    ``optuna.TrialPruned`` after ``fit`` returns)."""
+
+    def __init__(self, trial: optuna.trial.BaseTrial, metric: str) -> None:
+        super().__init__()
+        self.trial, self.metric, self.pruned = trial, metric, False
+
+    def on_log(self, loop: Any, row: Mapping[str, Any]) -> None:
+        if row.get("split") != "eval":
+            return
+        if self.metric not in row:
+            raise KeyError(f"tune: metric {self.metric!r} is not in the evaluation rows, which have "
+                           f"{sorted(k for k in row if k not in ('step', 'split'))}")
+        self.trial.report(float(row[self.metric]), step=int(loop.step))
+        if self.trial.should_prune():
+            self.pruned = True
+            loop.request_stop(f"pruned by the study's pruner at step {loop.step} "
+                              f"({self.metric} {float(row[self.metric]):.6g})")
+
+
+def _check_directions(directions: Sequence[str]) -> list[str]:
+    directions = [directions] if isinstance(directions, str) else list(directions)
+    if not directions or any(d not in DIRECTIONS for d in directions):
+        raise ValueError(f"tune: each direction must be one of {DIRECTIONS}, got {directions}")
+    return directions
+
+
+def _budget_reached(study: optuna.Study, trial: optuna.trial.Trial, n_trials: int) -> bool:
+    """Whether the finished trials and those started before this one already fill ``n_trials``."""
+    trials = study.get_trials(deepcopy=False)
+    finished = sum(t.state in FINISHED for t in trials)
+    ahead = sum(t.state == optuna.trial.TrialState.RUNNING and t.number < trial.number for t in trials)
+    return finished + ahead >= n_trials
+
+
+def suggest(trial: optuna.trial.BaseTrial, name: str, distribution: Any) -> Any:
+    """``trial``'s value for ``name`` from an Optuna distribution (the public ``suggest_*`` calls)."""
+    if isinstance(distribution, optuna.distributions.FloatDistribution):
+        return trial.suggest_float(name, distribution.low, distribution.high, log=distribution.log,
+                                   step=distribution.step)
+    if isinstance(distribution, optuna.distributions.IntDistribution):
+        return trial.suggest_int(name, distribution.low, distribution.high, log=distribution.log,
+                                 step=distribution.step)
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return trial.suggest_categorical(name, distribution.choices)
+    raise TypeError(f"tune: {name}: unsupported distribution {type(distribution).__name__}")
+
+
+class _BudgetReached(Exception):
+    """Other workers already run the study's last trials."""
+
+
+def run(objective: Callable[..., Any], space: Sequence[str] | Mapping[str, Any], *, config: Any,
+        n_trials: int, sampler: str | optuna.samplers.BaseSampler = "tpe",
+        pruner: str | optuna.pruners.BasePruner = "none", storage: str | None = None,
+        study_name: str = "lepton_jax", directions: Sequence[str] | str = "maximize", seed: int | None = None,
+        callbacks: Sequence[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = ()) -> optuna.Study:
+    """Searches ``space`` over ``config`` until the study holds ``n_trials`` finished trials.
+
+    Args:
+      objective: ``objective(config)`` or ``objective(config, trial)`` -> the
+        value (a float, or one per direction); with ``trial`` it may report
+        intermediate values for pruning (``trial.report``/``should_prune``,
+        or ``PruningHook`` in ``fit``) and raise ``optuna.TrialPruned``.
+      space: ``--space`` strings (``"learning_rate=loguniform(1e-4,1e-1)"``)
+        or ``{field: optuna distribution}``; checked before any trial runs.
+      config: the config dataclass each trial's values are set in.
+      n_trials: the number of finished (completed or pruned) trials to reach.
+      sampler / pruner: a name from ``SAMPLERS``/``PRUNERS`` or an Optuna object.
+      storage: an RDB URL (``sqlite:///study.db``, ``postgresql://...``);
+        ``None`` keeps the study in memory.
+      study_name: the study to create or continue in ``storage``.
+      directions: ``"maximize"``/``"minimize"``, one per objective value.
+      seed: seeds the sampler.
+      callbacks: Optuna callbacks ``(study, frozen_trial)`` after each trial.
+
+    Returns:
+      The ``optuna.Study`` (``optuna.load_study`` opens the same study from ``storage``).
+    """
+    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
+        raise ValueError(f"tune: n_trials must be a positive int, got {n_trials!r}")
+    directions = _check_directions(directions)
+    distributions = (space_lib.parse_space(space, config) if not isinstance(space, Mapping) else dict(space))
+    if isinstance(sampler, str):
+        if sampler == "nsga2" and len(directions) < 2:
+            raise ValueError("tune: the nsga2 sampler searches two or more metrics; give a direction per metric")
+        sampler = make_sampler(sampler, distributions, seed)
+    if isinstance(pruner, str):
+        if pruner != "none" and len(directions) > 1:
+            raise ValueError(f"tune: Optuna prunes single-metric studies only; --pruner {pruner} with "
+                             f"{len(directions)} metrics")
+        pruner = make_pruner(pruner)
+    study = optuna.create_study(
+        storage=make_storage(storage) if isinstance(storage, str) else storage, study_name=study_name,
+        sampler=sampler, pruner=pruner, directions=directions, load_if_exists=True)
+    if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in directions]:
+        raise ValueError(f"tune: the study {study_name!r} in {storage} has directions "
+                         f"{[d.name.lower() for d in study.directions]}, got {directions}")
+    takes_trial = len(inspect.signature(objective).parameters) >= 2
+
+    def trial_objective(trial: optuna.trial.Trial) -> Any:
+        if _budget_reached(study, trial, n_trials):
+            study.stop()
+            raise _BudgetReached(f"{n_trials} trials are finished or running")
+        params = {name: suggest(trial, name, distribution) for name, distribution in distributions.items()}
+        trial_config = space_lib.apply_params(config, params)
+        value = objective(trial_config, trial) if takes_trial else objective(trial_config)
+        values = list(value) if isinstance(value, (tuple, list)) else [value]
+        if len(values) != len(directions) or not all(isinstance(v, (int, float)) for v in values):
+            raise ValueError(f"tune: the objective must return {len(directions)} number(s), got {value!r}")
+        return tuple(float(v) for v in values) if len(values) > 1 else float(values[0])
+
+    def stop_when_done(study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:
+        if sum(t.state in FINISHED for t in study.get_trials(deepcopy=False)) >= n_trials:
+            study.stop()
+
+    if sum(t.state in FINISHED for t in study.get_trials(deepcopy=False)) < n_trials:
+        study.optimize(trial_objective, catch=(_BudgetReached,), callbacks=[stop_when_done, *callbacks])
+    return study
+
+
+def best_trials(study: optuna.Study, k: int = 5) -> list[optuna.trial.FrozenTrial]:
+    """The ``k`` best completed trials of a single-metric study (its Pareto front if multi-metric)."""
+    if len(study.directions) > 1:
+        return study.best_trials
+    completed = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                 if t.value is not None and not math.isnan(t.value)]
+    reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    return sorted(completed, key=lambda t: t.value, reverse=reverse)[:k]
+
+
+__all__ = ["DIRECTIONS", "PRUNERS", "SAMPLERS", "PruningHook", "best_trials", "make_pruner", "make_sampler",
+           "make_storage", "run", "sqlite_url", "suggest"]

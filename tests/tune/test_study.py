@@ -1,0 +1,113 @@
+"""tune.run against plain Optuna: same sampler, same trials; the budget counts
+finished trials across runs and processes; pruning reaches the study."""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+
+import optuna
+import pytest
+
+from lepton_jax import tune
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    x: float = 0.0
+    n: int = 1
+    kind: str = "a"
+
+
+def quadratic(config: Config) -> float:
+    return (config.x - 0.3) ** 2 + 0.1 * config.n + (config.kind == "b")
+
+
+SPACE = ["x=uniform(-1,1)", "n=int(1,4)", "kind=choice(a,b)"]
+
+
+def test_same_trials_as_plain_optuna_with_the_same_sampler():
+    study = tune.run(quadratic, SPACE, config=Config(), n_trials=12, sampler="tpe", seed=3, directions="minimize")
+    reference = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=3), direction="minimize")
+    reference.optimize(lambda t: quadratic(Config(t.suggest_float("x", -1, 1), t.suggest_int("n", 1, 4),
+                                                  t.suggest_categorical("kind", ["a", "b"]))), n_trials=12)
+    assert [t.params for t in study.trials] == [t.params for t in reference.trials]
+    assert [t.value for t in study.trials] == [t.value for t in reference.trials]
+    assert study.best_value == reference.best_value
+    best = tune.best_trials(study, k=3)
+    assert [t.value for t in best] == sorted(t.value for t in study.trials)[:3]
+
+
+def test_a_study_continues_to_the_budget_in_its_storage(tmp_path):
+    url = tune.sqlite_url(tmp_path / "study.db")
+    first = tune.run(quadratic, SPACE, config=Config(), n_trials=3, sampler="random", seed=0, storage=url,
+                     study_name="s", directions="minimize")
+    done = [(t.number, t.params, t.value) for t in first.trials]
+    again = tune.run(quadratic, SPACE, config=Config(), n_trials=5, sampler="random", seed=1, storage=url,
+                     study_name="s", directions="minimize")
+    loaded = optuna.load_study(study_name="s", storage=url)  # plain Optuna opens it
+    assert len(loaded.trials) == len(again.trials) == 5
+    assert [(t.number, t.params, t.value) for t in loaded.trials[:3]] == done
+    # Asking again for 5 runs nothing more.
+    tune.run(quadratic, SPACE, config=Config(), n_trials=5, storage=url, study_name="s", directions="minimize")
+    assert len(optuna.load_study(study_name="s", storage=url).trials) == 5
+    with pytest.raises(ValueError, match=r"the study 's' in sqlite:.* has directions \['minimize'\], "
+                                         r"got \['maximize'\]"):
+        tune.run(quadratic, SPACE, config=Config(), n_trials=6, storage=url, study_name="s")
+
+
+def test_pruned_trials_are_recorded_and_count_toward_the_budget():
+    def objective(config: Config, trial: optuna.trial.Trial) -> float:
+        for step in range(5):
+            trial.report(config.x * (step + 1), step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return config.x
+
+    study = tune.run(objective, ["x=uniform(0,1)"], config=Config(), n_trials=12, sampler="random", seed=0,
+                     pruner="median", directions="minimize")
+    states = [t.state for t in study.trials]
+    assert len(states) == 12 and optuna.trial.TrialState.PRUNED in states
+    assert all(s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for s in states)
+
+
+def _grid_worker(url: str) -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    tune.run(quadratic, ["n=int(1,4)", "kind=choice(a,b)"], config=Config(), n_trials=6, sampler="grid",
+             storage=url, study_name="shared", directions="minimize")
+
+
+def test_two_processes_share_one_study_without_repeating_a_grid_point(tmp_path):
+    url = tune.sqlite_url(tmp_path / "shared.db")
+    tune.run(quadratic, ["n=int(1,4)", "kind=choice(a,b)"], config=Config(), n_trials=1, sampler="grid",
+             storage=url, study_name="shared", directions="minimize")  # create it before the race
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_grid_worker, args=(url,)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+        assert worker.exitcode == 0
+    trials = optuna.load_study(study_name="shared", storage=url).trials
+    finished = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(finished) == 6
+    points = [(t.params["n"], t.params["kind"]) for t in finished]
+    assert len(set(points)) == 6
+
+
+def test_run_errors_name_the_argument():
+    with pytest.raises(ValueError, match="tune: n_trials must be a positive int, got 0"):
+        tune.run(quadratic, SPACE, config=Config(), n_trials=0)
+    with pytest.raises(ValueError, match=r"tune: each direction must be one of \('maximize', 'minimize'\), got \['up'\]"):
+        tune.run(quadratic, SPACE, config=Config(), n_trials=1, directions="up")
+    with pytest.raises(ValueError, match="tune: the nsga2 sampler searches two or more metrics"):
+        tune.run(quadratic, SPACE, config=Config(), n_trials=1, sampler="nsga2")
+    with pytest.raises(ValueError, match="tune: Optuna prunes single-metric studies only"):
+        tune.run(lambda c: (1.0, 2.0), SPACE, config=Config(), n_trials=1, sampler="nsga2", pruner="median",
+                 directions=["maximize", "minimize"])
+    with pytest.raises(ValueError, match=r"tune: the objective must return 1 number\(s\), got 'x'"):
+        tune.run(lambda c: "x", SPACE, config=Config(), n_trials=1)
+    assert os.path.basename(tune.sqlite_url("a/b.db")) == "b.db"
