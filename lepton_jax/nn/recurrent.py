@@ -22,7 +22,9 @@ from lepton_jax.nn._checks import check_float_input
 Carry = Any
 
 
-def _time_mask(where: str, x_BxTxF: jax.Array, lengths: jax.Array | None, mask: jax.Array | None) -> jax.Array:
+def _time_mask(where: str, x_BxTxF: jax.Array, lengths: jax.Array | None,
+               mask: jax.Array | None) -> jax.Array | None:
+    """The ``[B, T]`` validity of each step, or None when every step is valid."""
     check_float_input(where, x_BxTxF)
     if x_BxTxF.ndim != 3:
         raise ValueError(f"{where}: x must have rank 3 [batch, time, features], got shape {x_BxTxF.shape}")
@@ -39,7 +41,7 @@ def _time_mask(where: str, x_BxTxF: jax.Array, lengths: jax.Array | None, mask: 
         if jnp.shape(mask) != (B, T):
             raise ValueError(f"{where}: mask must have shape ({B}, {T}), got {jnp.shape(mask)}")
         return mask.astype(bool)
-    return jnp.ones((B, T), bool)
+    return None
 
 
 def _initial_carry(where: str, initial_carry: Carry | None, zeros: Carry) -> Carry:
@@ -51,9 +53,12 @@ def _initial_carry(where: str, initial_carry: Carry | None, zeros: Carry) -> Car
     return jax.tree.map(lambda c, z: c.astype(z.dtype), initial_carry, zeros)
 
 
-def _scan(step: Callable, carry: Carry, inputs_BxTxG: jax.Array, valid_BxT: jax.Array, reverse: bool):
+def _scan(step: Callable, carry: Carry, inputs_BxTxG: jax.Array, valid_BxT: jax.Array | None, reverse: bool):
     """Runs ``step(carry, inputs_BxG) -> (carry, out_BxH)`` over time, holding
     the carry and zeroing the output where a step is invalid."""
+    if valid_BxT is None:  # every step valid: no selects in the loop
+        carry, outputs_TxBxH = jax.lax.scan(step, carry, jnp.swapaxes(inputs_BxTxG, 0, 1), reverse=reverse)
+        return jnp.swapaxes(outputs_TxBxH, 0, 1), carry
 
     def body(carry, xs):
         inputs_BxG, valid_B = xs
