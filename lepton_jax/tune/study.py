@@ -38,6 +38,10 @@ def make_sampler(name: str, space: Mapping[str, Any], seed: int | None = None) -
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
     if name == "gp":
+        try:
+            import torch  # noqa: F401  (Optuna's GP sampler runs on PyTorch)
+        except ImportError:
+            raise ValueError("tune: the gp sampler needs PyTorch: pip install 'lepton_jax[gp]'") from None
         return optuna.samplers.GPSampler(seed=seed)
     if name == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)

@@ -1,5 +1,6 @@
 """tune.run against plain Optuna: same sampler, same trials; the budget counts
-finished trials across runs and processes; pruning reaches the study."""
+finished trials across runs and processes (a real PostgreSQL server shared by
+two workers); pruning reaches the study."""
 
 from __future__ import annotations
 
@@ -80,8 +81,8 @@ def _grid_worker(url: str) -> None:
              storage=url, study_name="shared", directions="minimize")
 
 
-def test_two_processes_share_one_study_without_repeating_a_grid_point(tmp_path):
-    url = tune.sqlite_url(tmp_path / "shared.db")
+def test_two_processes_share_one_postgres_study_without_repeating_a_grid_point(postgres_url):
+    url = postgres_url
     tune.run(quadratic, ["n=int(1,4)", "kind=choice(a,b)"], config=Config(), n_trials=1, sampler="grid",
              storage=url, study_name="shared", directions="minimize")  # create it before the race
     context = multiprocessing.get_context("spawn")
