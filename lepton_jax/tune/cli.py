@@ -81,8 +81,9 @@ def _overrides(params: dict[str, Any]) -> str:
     return " ".join(f"--{k}={text(v)}" for k, v in params.items())
 
 
-def _plots(study: optuna.Study, out: str) -> list[str]:
-    """Optuna's matplotlib plots as PNGs; a plot the study cannot make yet is skipped."""
+def _plots(study: optuna.Study, out: str, metrics: Sequence[str]) -> list[str]:
+    """Optuna's matplotlib plots as PNGs; a plot the study cannot make yet is skipped.
+    A multi-metric study plots its first metric's importances and coordinates."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,17 +91,24 @@ def _plots(study: optuna.Study, out: str) -> list[str]:
     from optuna.visualization import matplotlib as ovm
 
     written = []
-    single = len(study.directions) == 1
-    plots = {"parallel_coordinates": ovm.plot_parallel_coordinate, "param_importances": ovm.plot_param_importances}
-    if single:
-        plots = {"optimization_history": ovm.plot_optimization_history, **plots}
+    if len(study.directions) == 1:
+        plots = {"optimization_history": (ovm.plot_optimization_history, {}),
+                 "parallel_coordinates": (ovm.plot_parallel_coordinate, {}),
+                 "param_importances": (ovm.plot_param_importances, {})}
     else:
-        plots = {"pareto_front": ovm.plot_pareto_front, **plots}
+        first = study.directions[0] == optuna.study.StudyDirection.MINIMIZE
+        plots = {"pareto_front": (ovm.plot_pareto_front, {"target_names": list(metrics)}),
+                 "parallel_coordinates": (ovm.plot_parallel_coordinate,
+                                          {"target": lambda t: t.values[0], "target_name": metrics[0]}),
+                 # the importance evaluator ranks for low values: a maximized metric is negated
+                 "param_importances": (ovm.plot_param_importances,
+                                       {"target": (lambda t: t.values[0]) if first else (lambda t: -t.values[0]),
+                                        "target_name": metrics[0]})}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        for name, plot in plots.items():
+        warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator computes")  # negated above
+        for name, (plot, kwargs) in plots.items():
             try:
-                kwargs = {} if single or name == "pareto_front" else {"target": lambda t: t.values[0]}
                 axes = plot(study, **kwargs)
             except (ValueError, RuntimeError) as error:  # e.g. importances need two finished trials
                 print(f"tune: no {name} plot: {error}")
@@ -233,7 +241,7 @@ def _summarize(study: optuna.Study, metrics: list[str], out: str, storage: str) 
         front = [{"trial": t.number, "values": dict(zip(metrics, t.values)), "params": t.params} for t in best]
         with open(os.path.join(out, "pareto.json"), "w", encoding="utf-8") as f:
             json.dump(front, f, indent=2)
-    plots = _plots(study, out)
+    plots = _plots(study, out, metrics)
     print(f"best: trial {top.number}, " + ", ".join(f"{m}={v:.5g}" for m, v in zip(metrics, top.values)))
     print(f"as overrides: {_overrides(dict(top.params))}")
     print(f"wrote {os.path.join(out, 'best.json')}" + (f" and {len(plots)} plots" if plots else ""))

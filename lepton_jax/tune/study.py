@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import time
 import warnings
 from typing import Any, Callable, Mapping, Sequence
 
@@ -105,12 +106,26 @@ def _check_directions(directions: Sequence[str]) -> list[str]:
     return directions
 
 
-def _budget_reached(study: optuna.Study, trial: optuna.trial.Trial, n_trials: int) -> bool:
-    """Whether the finished trials and those started before this one already fill ``n_trials``."""
-    trials = study.get_trials(deepcopy=False)
-    finished = sum(t.state in FINISHED for t in trials)
-    ahead = sum(t.state == optuna.trial.TrialState.RUNNING and t.number < trial.number for t in trials)
-    return finished + ahead >= n_trials
+def _has_room(study: optuna.Study, trial: optuna.trial.Trial, n_trials: int, heartbeats: bool) -> bool:
+    """Whether ``trial`` is needed to reach ``n_trials`` finished trials.
+
+    Trials started before it and still running count as future finishes;
+    while they alone could fill the budget it waits (they may fail, e.g. a
+    killed worker's, which heartbeats mark failed after the grace period).
+    """
+    while True:
+        if heartbeats:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        finished = sum(t.state in FINISHED for t in trials)
+        ahead = sum(t.state == optuna.trial.TrialState.RUNNING and t.number < trial.number for t in trials)
+        if finished >= n_trials:
+            return False
+        if finished + ahead < n_trials or not heartbeats:  # without heartbeats a dead trial never ends
+            return True
+        time.sleep(HEARTBEAT_SECONDS)
 
 
 def suggest(trial: optuna.trial.BaseTrial, name: str, distribution: Any) -> Any:
@@ -170,16 +185,19 @@ def run(objective: Callable[..., Any], space: Sequence[str] | Mapping[str, Any],
             raise ValueError(f"tune: Optuna prunes single-metric studies only; --pruner {pruner} with "
                              f"{len(directions)} metrics")
         pruner = make_pruner(pruner)
+    if isinstance(storage, str):
+        storage = make_storage(storage)
+    heartbeats = bool(getattr(storage, "heartbeat_interval", None))
     study = optuna.create_study(
-        storage=make_storage(storage) if isinstance(storage, str) else storage, study_name=study_name,
+        storage=storage, study_name=study_name,
         sampler=sampler, pruner=pruner, directions=directions, load_if_exists=True)
     if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in directions]:
-        raise ValueError(f"tune: the study {study_name!r} in {storage} has directions "
+        raise ValueError(f"tune: the study {study_name!r} in {getattr(storage, 'url', storage)} has directions "
                          f"{[d.name.lower() for d in study.directions]}, got {directions}")
     takes_trial = len(inspect.signature(objective).parameters) >= 2
 
     def trial_objective(trial: optuna.trial.Trial) -> Any:
-        if _budget_reached(study, trial, n_trials):
+        if not _has_room(study, trial, n_trials, heartbeats):
             study.stop()
             raise _BudgetReached(f"{n_trials} trials are finished or running")
         params = {name: suggest(trial, name, distribution) for name, distribution in distributions.items()}

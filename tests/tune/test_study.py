@@ -5,8 +5,12 @@ two workers); pruning reaches the study."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import multiprocessing
 import os
+import signal
+import subprocess
+import sys
 
 import optuna
 import pytest
@@ -112,3 +116,68 @@ def test_run_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"tune: the objective must return 1 number\(s\), got 'x'"):
         tune.run(lambda c: "x", SPACE, config=Config(), n_trials=1)
     assert os.path.basename(tune.sqlite_url("a/b.db")) == "b.db"
+
+
+_KILLABLE = """
+import dataclasses, sys, time
+import optuna
+from lepton_jax import tune
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    x: float = 0.0
+
+def objective(config, trial):
+    if trial.number == 1:
+        print("running", flush=True)
+        time.sleep(600)  # killed here
+    return config.x
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+tune.run(objective, ["x=uniform(0,1)"], config=Config(), n_trials=3, sampler="random", seed=0,
+         storage=sys.argv[1], study_name="k")
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_midtrial_then_rerun_finishes_the_budget(tmp_path, subprocess_env):
+    url = tune.sqlite_url(tmp_path / "k.db")
+    script = tmp_path / "killable.py"
+    script.write_text(_KILLABLE)
+    process = subprocess.Popen([sys.executable, str(script), url], stdout=subprocess.PIPE, text=True,
+                               env=subprocess_env)
+    assert process.stdout.readline().strip() == "running"
+    process.send_signal(signal.SIGKILL)
+    process.wait(30)
+    before = optuna.load_study(study_name="k", storage=url).trials
+    assert [t.state.name for t in before] == ["COMPLETE", "RUNNING"]
+
+    def objective(config):
+        return config.x
+
+    study = tune.run(objective, ["x=uniform(0,1)"], config=Config(), n_trials=3, sampler="random", seed=0,
+                     storage=url, study_name="k")
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") == 3 and states[1] == "FAIL"  # the killed trial, marked failed by heartbeat
+    assert (study.trials[0].params, study.trials[0].value) == (before[0].params, before[0].value)  # not re-run
+
+
+def test_nsga2_pareto_front_equals_optuna_and_is_written(tmp_path, capsys):
+    def two(config: Config):
+        return config.x, (config.x - 1) ** 2 + config.n
+
+    study = tune.run(two, ["x=uniform(-1,2)", "n=int(0,3)"], config=Config(), n_trials=16, sampler="nsga2",
+                     seed=0, directions=["maximize", "minimize"])
+    reference = optuna.create_study(sampler=optuna.samplers.NSGAIISampler(seed=0),
+                                    directions=["maximize", "minimize"])
+    reference.optimize(lambda t: two(Config(x=t.suggest_float("x", -1, 2), n=t.suggest_int("n", 0, 3))), n_trials=16)
+    assert sorted(t.number for t in study.best_trials) == sorted(t.number for t in reference.best_trials)
+    assert [t.values for t in study.trials] == [t.values for t in reference.trials]
+
+    from lepton_jax.tune.cli import _summarize
+
+    assert _summarize(study, ["x", "cost"], str(tmp_path), "memory") == 0
+    front = json.loads((tmp_path / "pareto.json").read_text())
+    assert sorted(p["trial"] for p in front) == sorted(t.number for t in reference.best_trials)
+    assert all(set(p["values"]) == {"x", "cost"} for p in front)
+    assert (tmp_path / "pareto_front.png").exists() and "Pareto front:" in capsys.readouterr().out
