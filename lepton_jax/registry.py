@@ -74,6 +74,11 @@ class Recipe:
         ``hooks`` to ``fit``'s, and returns a dict with ``"val_metrics"``
         (the last evaluation on the validation split, never the test split)
         and ``"num_params"``; ``None`` if the recipe cannot be tuned.
+      population: ``population(configs, report) -> [results]``: trains configs
+        that differ only in ``population_fields`` as one ``vmap``-ed program
+        (``lepton-jax tune --population K``), calling ``report(member, step,
+        val_metrics)`` at each evaluation; ``None`` if the recipe has none.
+      population_fields: the config fields a population's members may differ in.
     """
 
     name: str
@@ -82,6 +87,9 @@ class Recipe:
     description: str = ""
     config: Any = None
     run: Callable[[Any, Sequence[Any]], Mapping[str, Any]] | None = None
+    population: Callable[[Sequence[Any], Callable[[int, int, Mapping[str, Any]], None] | None],
+                         list[Mapping[str, Any]]] | None = None
+    population_fields: tuple[str, ...] = ()
 
 
 def _entry_points() -> dict[str, metadata.EntryPoint]:

@@ -23,7 +23,7 @@ import json
 import os
 import sys
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -120,6 +120,25 @@ def load_splits(seed: int) -> tuple[dict, dict, dict, data.Normalizer]:
     return (*splits, normalizer)
 
 
+def make_tx(config: DigitsConfig, total_steps: int, inject: Sequence[str] = ()):
+    """AdamW on a warmup-cosine schedule, clipped; ``inject`` as in ``optim.make_optimizer``."""
+    schedule = optim.ScheduleConfig(
+        name="cosine", peak_lr=config.learning_rate, warmup_steps=min(config.warmup_steps, total_steps // 5),
+        total_steps=total_steps,
+    )
+    return optim.make_optimizer(optim.OptimizerConfig(
+        name="adamw", learning_rate=schedule, weight_decay=config.weight_decay, decay_mask="auto", clip_norm=1.0,
+    ), inject=inject)
+
+
+def make_augment(config: DigitsConfig):
+    """Random translation by up to ``max_shift`` pixels, or None."""
+    if config.max_shift <= 0:
+        return None
+    shift = config.max_shift
+    return lambda key, images: data.random_translate(key, images, max_shift=shift)
+
+
 def run(config: DigitsConfig, extra_hooks: Sequence[train.Hook] = ()) -> dict:
     """Trains (``extra_hooks`` join the default ones), evaluates on the test split
     and writes the outputs. Returns the results."""
@@ -130,20 +149,11 @@ def run(config: DigitsConfig, extra_hooks: Sequence[train.Hook] = ()) -> dict:
     total_steps = config.epochs * batches.steps_per_epoch
 
     model = build_model(config.model, config.hidden)
-    schedule = optim.ScheduleConfig(
-        name="cosine", peak_lr=config.learning_rate, warmup_steps=min(config.warmup_steps, total_steps // 5),
-        total_steps=total_steps,
-    )
-    tx = optim.make_optimizer(optim.OptimizerConfig(
-        name="adamw", learning_rate=schedule, weight_decay=config.weight_decay, decay_mask="auto", clip_norm=1.0,
-    ))
+    tx = make_tx(config, total_steps)
     state = train.create_train_state(model, tx, train_split["image"][:1], seed=config.seed)
     loss_fn = train.classification_loss(label_smoothing=config.label_smoothing)
     train_loss = loss_fn
-    augment = None
-    if config.max_shift > 0:
-        shift = config.max_shift
-        augment = lambda key, images: data.random_translate(key, images, max_shift=shift)  # noqa: E731
+    augment = make_augment(config)
     if config.teacher:
         teacher = load_teacher(config.teacher, config.seed)
         alpha, temperature, mixup = config.distill_alpha, config.distill_temperature, config.distill_mixup
@@ -205,6 +215,88 @@ def run(config: DigitsConfig, extra_hooks: Sequence[train.Hook] = ()) -> dict:
     return results
 
 
+# What may differ between the members of one population (run_population).
+POPULATION_FIELDS = ("learning_rate", "weight_decay", "seed", "out")
+
+
+def run_population(configs: Sequence[DigitsConfig],
+                   report: Callable[[int, int, dict], None] | None = None) -> list[dict]:
+    """Trains ``configs`` as one ``vmap``-ed program and returns each one's results.
+
+    The configs may differ only in ``POPULATION_FIELDS``: the learning rate and
+    weight decay are arrays in the optimizer state (``optax.inject_hyperparams``),
+    and each member has its own seed, so its own initialization, data split
+    and batch order. Member ``k`` trains as ``run(configs[k])`` would (the same
+    steps, batches and evaluations) and writes its checkpoint and
+    ``results.json`` under its ``out``. ``report(k, step, val_metrics)`` is
+    called at each evaluation on the validation split.
+    """
+    configs = [resolve(c) for c in configs]
+    base = configs[0]
+    for config in configs[1:]:
+        differ = [f.name for f in dataclasses.fields(DigitsConfig)
+                  if f.name not in POPULATION_FIELDS and getattr(config, f.name) != getattr(base, f.name)]
+        if differ:
+            raise ValueError(f"digits: a population's configs may differ only in {POPULATION_FIELDS}; "
+                             f"they differ in {differ}")
+    if base.teacher:
+        raise ValueError("digits: distillation (--teacher) trains one config at a time, not as a population")
+    splits = {seed: load_splits(seed) for seed in sorted({c.seed for c in configs})}
+    iterators = [data.BatchIterator(splits[c.seed][0], c.batch_size, shuffle=True, seed=c.seed) for c in configs]
+    total_steps = base.epochs * iterators[0].steps_per_epoch
+    eval_every = base.eval_every_epochs * iterators[0].steps_per_epoch
+    model = build_model(base.model, base.hidden)
+    tx = make_tx(base, total_steps, inject=("learning_rate", "weight_decay"))
+    example = splits[base.seed][0]["image"][:1]
+    states = train.create_population_state(model, tx, example, [c.seed for c in configs])
+    states = states.replace(opt_state=optim.set_hyperparams(
+        states.opt_state, learning_rate=np.array([c.learning_rate for c in configs], np.float32),
+        weight_decay=np.array([c.weight_decay for c in configs], np.float32)))
+    loss_fn = train.classification_loss(label_smoothing=base.label_smoothing)
+    step = train.make_train_step(model, tx, loss_fn, input_key="image", augment_fn=make_augment(base), jit=False)
+    population_step = jax.jit(jax.vmap(step))
+    eval_step = jax.jit(jax.vmap(train.make_eval_step(model, loss_fn, num_classes=10, input_key="image", jit=False)))
+
+    def evaluate(states, split_index: int) -> list[dict]:
+        batches = zip(*(data.iterate_once(splits[c.seed][split_index], 256, pad=True) for c in configs))
+        total = None
+        for member_batches in batches:
+            stacked = jax.tree.map(lambda *xs: np.stack(xs), *member_batches)
+            total = train.merge_stats(total, eval_step(states, stacked))
+        return [train.finalize_stats(jax.tree.map(lambda x: x[k], total)) for k in range(len(configs))]
+
+    started = time.perf_counter()
+    val = None
+    for step_number in range(1, total_steps + 1):
+        batch = jax.tree.map(lambda *xs: np.stack(xs), *(next(it) for it in iterators))
+        states, _ = population_step(states, batch)
+        if step_number % eval_every == 0 or step_number == total_steps:
+            val = evaluate(states, 1)
+            for k, metrics in enumerate(val):
+                if report is not None:
+                    report(k, step_number, metrics)
+    seconds = time.perf_counter() - started
+    test = evaluate(states, 2)
+    results = []
+    for k, config in enumerate(configs):
+        member = jax.tree.map(lambda x: x[k], states)
+        os.makedirs(config.out, exist_ok=True)
+        with checkpoint.CheckpointManager(os.path.join(config.out, "checkpoints"), async_save=False) as manager:
+            manager.save(total_steps, member, extra={"config": config_lib.to_dict(config),
+                                                     "normalizer": splits[config.seed][3].to_dict()})
+        result = {
+            "model": config.model, "test_accuracy": test[k]["accuracy"], "test_macro_f1": test[k]["macro_f1"],
+            "test_loss": test[k]["loss"], "val_accuracy": val[k]["accuracy"],
+            "val_metrics": {name: float(v) for name, v in val[k].items() if np.ndim(v) == 0},
+            "num_params": train.count_params(member.params), "train_seconds": seconds, "steps": total_steps,
+            "population": len(configs), "config": config_lib.to_dict(config),
+        }
+        with open(os.path.join(config.out, "results.json"), "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+        results.append(result)
+    return results
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -240,6 +332,7 @@ def export(manager: checkpoint.CheckpointManager, step: int, config: dict) -> re
 
 
 RECIPE = registry.Recipe(name="digits", main=main, export=export, config=DigitsConfig(), run=run,
+                         population=run_population, population_fields=POPULATION_FIELDS,
                          description="an 8x8 digits classifier (MLP, CNN or LSTM) to >= 98% test accuracy")
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ clipping, gradient accumulation and parameter EMA."""
 from lepton_jax.optim.ema import ParameterEmaState, ema_params, parameter_ema
 from lepton_jax.optim.masks import decay_mask
 from lepton_jax.optim.presets import (
+    INJECTABLE,
     OPTIMIZERS,
     OptimizerConfig,
     adafactor,
@@ -14,6 +15,7 @@ from lepton_jax.optim.presets import (
     make_optimizer,
     momentum,
     nesterov,
+    set_hyperparams,
     sgd,
 )
 from lepton_jax.optim.schedules import (
@@ -26,7 +28,7 @@ from lepton_jax.optim.schedules import (
 )
 
 __all__ = [
-    "OPTIMIZERS", "OptimizerConfig", "ParameterEmaState", "ScheduleConfig", "adafactor", "adagrad", "adam",
+    "INJECTABLE", "OPTIMIZERS", "OptimizerConfig", "ParameterEmaState", "ScheduleConfig", "adafactor", "adagrad", "adam",
     "adamw", "constant", "decay_mask", "ema_params", "lion", "make_optimizer", "make_schedule", "momentum",
-    "nesterov", "parameter_ema", "sgd", "step_decay", "warmup_cosine", "warmup_linear",
+    "nesterov", "parameter_ema", "set_hyperparams", "sgd", "step_decay", "warmup_cosine", "warmup_linear",
 ]

@@ -5,8 +5,10 @@ built from one frozen config. ``optim.adamw(1e-3)`` is ``optax.adamw(1e-3)``."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from lepton_jax.optim.ema import parameter_ema
@@ -96,15 +98,55 @@ def _check(config: OptimizerConfig) -> None:
         raise ValueError(f"make_optimizer: clip_norm must be > 0, got {config.clip_norm}")
 
 
-def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+INJECTABLE = ("learning_rate", "weight_decay")
+
+
+def make_optimizer(config: OptimizerConfig, *, inject: Sequence[str] = ()) -> optax.GradientTransformation:
     """Builds the optax chain ``config`` describes: clipping, L2, the update
     rule, decoupled weight decay, the learning rate, then the parameter EMA,
-    all inside gradient accumulation when asked."""
+    all inside gradient accumulation when asked.
+
+    ``inject`` names hyperparameters (``INJECTABLE``) to hold as arrays in the
+    optimizer state (``optax.inject_hyperparams``), so that one program can
+    train members that differ in them (``vmap`` over states whose values
+    ``set_hyperparams`` sets). An injected ``learning_rate`` is the peak of a
+    ``ScheduleConfig``: the schedule is scaled by ``value / peak_lr``.
+    """
     _check(config)
     lr = _learning_rate(config)
     mask = decay_mask if config.decay_mask == "auto" else None
     weight_decay = _DECOUPLED_DEFAULT.get(config.name) if config.weight_decay is None else config.weight_decay
+    inject = tuple(inject)
+    for name in inject:
+        if name not in INJECTABLE:
+            raise ValueError(f"make_optimizer: inject takes names from {INJECTABLE}, got {name!r}")
+    if "weight_decay" in inject and (config.name not in _DECOUPLED_DEFAULT or config.name == "adafactor"):
+        raise ValueError(f"make_optimizer: inject=('weight_decay',) needs adamw or lion, got {config.name!r}")
+    if not inject:
+        tx = _chain(config, lr, weight_decay, mask)
+    else:
+        schedule = lr if callable(lr) else None
+        peak = config.learning_rate.peak_lr if schedule is not None else None
+        if "learning_rate" in inject and schedule is not None and peak <= 0:
+            raise ValueError(f"make_optimizer: an injected learning rate scales the schedule by value / peak_lr; "
+                             f"peak_lr must be > 0, got {peak}")
 
+        def factory(learning_rate: Any, weight_decay: Any) -> optax.GradientTransformation:
+            rate = learning_rate
+            if "learning_rate" in inject and schedule is not None:
+                rate = lambda count: schedule(count) * (learning_rate / peak)  # noqa: E731
+            return _chain(config, rate, weight_decay, mask)
+
+        static = tuple(name for name in INJECTABLE if name not in inject)
+        initial = {"learning_rate": peak if schedule is not None and "learning_rate" in inject else lr,
+                   "weight_decay": weight_decay or 0.0 if "weight_decay" in inject else weight_decay}
+        tx = optax.inject_hyperparams(factory, static_args=static)(**initial)
+    if config.accumulate_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=config.accumulate_steps).gradient_transformation()
+    return tx
+
+
+def _chain(config: OptimizerConfig, lr: Any, weight_decay: Any, mask: Any) -> optax.GradientTransformation:
     parts: list[optax.GradientTransformation] = []
     if config.clip_norm is not None:
         parts.append(optax.clip_by_global_norm(config.clip_norm))
@@ -115,15 +157,45 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
                                      **_kwargs(eps=config.eps)))
     else:
         parts += _RULES[config.name](config)
-        if weight_decay:
+        # An injected weight decay is an array (never skipped); a static one of 0 adds nothing.
+        if weight_decay is not None and (not isinstance(weight_decay, (int, float)) or weight_decay):
             parts.append(optax.add_decayed_weights(weight_decay, mask))
         parts.append(optax.scale_by_learning_rate(lr))
     if config.ema_decay is not None:
         parts.append(parameter_ema(config.ema_decay))
-    tx = optax.chain(*parts)
-    if config.accumulate_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=config.accumulate_steps).gradient_transformation()
-    return tx
+    return optax.chain(*parts)
+
+
+_INJECTED = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+
+def set_hyperparams(opt_state: Any, **values: Any) -> Any:
+    """``opt_state`` with the injected hyperparameters ``values`` (arrays of
+    the state's batch shape, e.g. ``[K]`` for a population) replaced.
+
+    Raises ``ValueError`` naming a hyperparameter the state does not inject.
+    """
+    found = []
+
+    def replace(node: Any) -> Any:
+        if isinstance(node, _INJECTED):
+            missing = sorted(set(values) - set(node.hyperparams))
+            if missing:
+                raise ValueError(f"set_hyperparams: the optimizer injects {sorted(node.hyperparams)}, "
+                                 f"got {missing}")
+            found.append(node)
+            hyperparams = dict(node.hyperparams)
+            for name, value in values.items():
+                old = hyperparams[name]
+                hyperparams[name] = jnp.broadcast_to(jnp.asarray(value, old.dtype), jnp.shape(old))
+            return node._replace(hyperparams=hyperparams)
+        return node
+
+    new_state = jax.tree.map(replace, opt_state, is_leaf=lambda n: isinstance(n, _INJECTED))
+    if not found:
+        raise ValueError("set_hyperparams: opt_state has no injected hyperparameters "
+                         "(build the optimizer with make_optimizer(..., inject=(...)))")
+    return new_state
 
 
 def _preset(name: str):

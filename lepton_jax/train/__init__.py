@@ -18,7 +18,7 @@ from lepton_jax.train.hooks import (
 from lepton_jax.train.loop import FitResult, Loop, fit
 from lepton_jax.train.plateau import EarlyStopping, ReduceLROnPlateau
 from lepton_jax.train.loss_scale import DynamicLossScale, all_finite, as_loss_scale
-from lepton_jax.train.state import TrainState, count_params, create_train_state
+from lepton_jax.train.state import TrainState, count_params, create_population_state, create_train_state
 from lepton_jax.train.step import (
     classification_loss,
     evaluate,
@@ -51,7 +51,7 @@ __all__ = [
     "as_loss_scale",
     "classification_loss",
     "count_params",
-    "create_train_state",
+    "create_population_state", "create_train_state",
     "default_hooks",
     "evaluate",
     "every",

@@ -7,7 +7,7 @@ optimizer are closed over by the step functions instead (see ``step.py``).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import flax.linen as linen
 import jax
@@ -90,10 +90,17 @@ def create_train_state(
     if not isinstance(seed, int):
         raise TypeError(f"create_train_state: seed must be an int, got {type(seed).__name__}")
     scale = as_loss_scale(loss_scale)
+    # One compiled program: run eagerly, every initializer and every op of the
+    # init forward pass would compile on its own (about twice the time for a
+    # small CNN or GPT on CPU). Under an outer jit (sharded init) it inlines.
+    return jax.jit(_initializer(model, tx, example_inputs, seed))(scale)
+
+
+def _initializer(model: linen.Module, tx: optax.GradientTransformation, example_inputs: jax.Array, seed: Any):
     # Shapes only: initialisation must not depend on the example's values.
     shape, dtype = jnp.shape(example_inputs), jnp.asarray(example_inputs).dtype
 
-    def init(scale: DynamicLossScale | None) -> TrainState:
+    def init(scale: DynamicLossScale | None, seed: Any = seed) -> TrainState:
         init_key, dropout_key, run_key = jax.random.split(jax.random.PRNGKey(seed), 3)
         variables = model.init({"params": init_key, "dropout": dropout_key}, jnp.zeros(shape, dtype), train=False)
         # Logical-axis boxes (with_logical_partitioning) describe sharding; the
@@ -103,10 +110,19 @@ def create_train_state(
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           model_state=variables, rng=run_key, loss_scale=scale)
 
-    # One compiled program: run eagerly, every initializer and every op of the
-    # init forward pass would compile on its own (about twice the time for a
-    # small CNN or GPT on CPU). Under an outer jit (sharded init) it inlines.
-    return jax.jit(init)(scale)
+    return init
+
+
+def create_population_state(model: linen.Module, tx: optax.GradientTransformation, example_inputs: jax.Array,
+                            seeds: Sequence[int]) -> TrainState:
+    """``len(seeds)`` train states stacked on a leading axis: member ``k``
+    is ``create_train_state(..., seed=seeds[k])``, for a ``vmap``-ed step
+    that trains them as one program (e.g. a population of tuning trials)."""
+    seeds = list(seeds)
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+        raise TypeError(f"create_population_state: seeds must be a non-empty list of ints, got {seeds!r}")
+    init = _initializer(model, tx, example_inputs, None)
+    return jax.jit(jax.vmap(lambda seed: init(None, seed)))(jnp.asarray(seeds, jnp.int32))
 
 
 def count_params(params: PyTree) -> int:

@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--storage", default=None, help="an RDB URL (default: sqlite in --out/study.db)")
     parser.add_argument("--study", default=None, help="the study's name (default: the recipe's)")
     parser.add_argument("--out", default=None, help="output folder (default: runs/tune/RECIPE)")
+    parser.add_argument("--population", type=int, default=1, metavar="K",
+                        help="train up to K like trials (differing in the recipe's population fields, e.g. the "
+                             "learning rate) as one vmapped program")
     parser.add_argument("--seed", type=int, default=0, help="the sampler's seed")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="a progress bar over trials")
@@ -156,8 +159,12 @@ def tune(argv: Sequence[str]) -> int:
     os.makedirs(out, exist_ok=True)
     if args.sampler == "grid":
         space_lib.grid(space)  # a float range has no grid: fail before any trial
+    if args.population < 1:
+        raise TuneError(f"--population must be a positive int, got {args.population}")
+    if args.population > 1 and recipe.population is None:
+        raise TuneError(f"recipe {args.recipe!r} cannot train a population (its Recipe has no population)")
 
-    def objective(config: Any, trial: optuna.trial.Trial) -> Any:
+    def trial_config(config: Any, trial: optuna.trial.Trial) -> Any:
         trial_out = os.path.join(out, "trials", f"{trial.number:04d}")
         changes = {"out": trial_out}
         if "progress" in fields:
@@ -165,6 +172,31 @@ def tune(argv: Sequence[str]) -> int:
         config = dataclasses.replace(config, **changes)
         trial.set_user_attr("out", trial_out)
         trial.set_user_attr("config", config_lib.to_dict(config))
+        return config
+
+    def population_objective(configs: list[Any], trials: list[optuna.trial.Trial]) -> list[Any]:
+        configs = [trial_config(c, t) for c, t in zip(configs, trials)]
+        pruned = [False] * len(trials)
+
+        def report(k: int, step: int, val: dict) -> None:
+            if args.pruner == "none" or pruned[k]:
+                return
+            trials[k].report(_metric_value({"val_metrics": val}, metrics[0]), step)
+            pruned[k] = trials[k].should_prune()
+
+        results = recipe.population(configs, report)
+        values = []
+        for k, result in enumerate(results):
+            if pruned[k]:
+                values.append(optuna.TrialPruned(f"pruned by the study's pruner (member {k} of a population)"))
+                continue
+            scores = [_metric_value(result, m) for m in metrics]
+            values.append(tuple(scores) if len(scores) > 1 else scores[0])
+        return values
+
+    def objective(config: Any, trial: optuna.trial.Trial) -> Any:
+        config = trial_config(config, trial)
+        trial_out = config.out
         pruning = study_lib.PruningHook(trial, metrics[0]) if args.pruner != "none" else None
         os.makedirs(trial_out, exist_ok=True)
         with open(os.path.join(trial_out, "log.txt"), "w", encoding="utf-8") as log, \
@@ -204,9 +236,12 @@ def tune(argv: Sequence[str]) -> int:
         pass
     if bar is not None:
         bar.update(min(before, args.trials))
-    study = study_lib.run(objective, space, config=base, n_trials=args.trials, sampler=args.sampler,
-                          pruner=args.pruner, storage=storage, study_name=study_name, directions=directions,
-                          seed=args.seed, callbacks=[report])
+    population = args.population > 1
+    study = study_lib.run(population_objective if population else objective, space, config=base,
+                          n_trials=args.trials, sampler=args.sampler, pruner=args.pruner, storage=storage,
+                          study_name=study_name, directions=directions, seed=args.seed, callbacks=[report],
+                          population=args.population,
+                          population_fields=recipe.population_fields if population else None)
     if bar is not None:
         bar.close()
     return _summarize(study, metrics, out, storage)

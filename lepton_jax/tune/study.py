@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import threading
 import time
 import warnings
 from typing import Any, Callable, Mapping, Sequence
@@ -149,7 +150,8 @@ def run(objective: Callable[..., Any], space: Sequence[str] | Mapping[str, Any],
         n_trials: int, sampler: str | optuna.samplers.BaseSampler = "tpe",
         pruner: str | optuna.pruners.BasePruner = "none", storage: str | None = None,
         study_name: str = "lepton_jax", directions: Sequence[str] | str = "maximize", seed: int | None = None,
-        callbacks: Sequence[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = ()) -> optuna.Study:
+        callbacks: Sequence[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = (),
+        population: int = 1, population_fields: Sequence[str] | None = None) -> optuna.Study:
     """Searches ``space`` over ``config`` until the study holds ``n_trials`` finished trials.
 
     Args:
@@ -168,6 +170,13 @@ def run(objective: Callable[..., Any], space: Sequence[str] | Mapping[str, Any],
       directions: ``"maximize"``/``"minimize"``, one per objective value.
       seed: seeds the sampler.
       callbacks: Optuna callbacks ``(study, frozen_trial)`` after each trial.
+      population: run up to this many trials at once as one program: then
+        ``objective(configs, trials)`` gets the configs of trials that differ
+        only in ``population_fields`` and returns a list of values (an
+        ``optuna.TrialPruned`` instance for a member its pruner stopped).
+        Each is still an ordinary trial of the study.
+      population_fields: the fields a population's members may differ in
+        (default: the searched float fields); the others split trials into groups.
 
     Returns:
       The ``optuna.Study`` (``optuna.load_study`` opens the same study from ``storage``).
@@ -194,6 +203,12 @@ def run(objective: Callable[..., Any], space: Sequence[str] | Mapping[str, Any],
     if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in directions]:
         raise ValueError(f"tune: the study {study_name!r} in {getattr(storage, 'url', storage)} has directions "
                          f"{[d.name.lower() for d in study.directions]}, got {directions}")
+    if isinstance(population, bool) or not isinstance(population, int) or population < 1:
+        raise ValueError(f"tune: population must be a positive int, got {population!r}")
+    if population_fields is None:
+        population_fields = [name for name, d in distributions.items()
+                             if isinstance(d, optuna.distributions.FloatDistribution)]
+    batcher = _Batcher(population, objective, set(population_fields)) if population > 1 else None
     takes_trial = len(inspect.signature(objective).parameters) >= 2
 
     def trial_objective(trial: optuna.trial.Trial) -> Any:
@@ -202,7 +217,12 @@ def run(objective: Callable[..., Any], space: Sequence[str] | Mapping[str, Any],
             raise _BudgetReached(f"{n_trials} trials are finished or running")
         params = {name: suggest(trial, name, distribution) for name, distribution in distributions.items()}
         trial_config = space_lib.apply_params(config, params)
-        value = objective(trial_config, trial) if takes_trial else objective(trial_config)
+        if batcher is not None:
+            value = batcher.submit(trial_config, trial, params)
+        else:
+            value = objective(trial_config, trial) if takes_trial else objective(trial_config)
+        if isinstance(value, optuna.TrialPruned):
+            raise value
         values = list(value) if isinstance(value, (tuple, list)) else [value]
         if len(values) != len(directions) or not all(isinstance(v, (int, float)) for v in values):
             raise ValueError(f"tune: the objective must return {len(directions)} number(s), got {value!r}")
@@ -212,9 +232,73 @@ def run(objective: Callable[..., Any], space: Sequence[str] | Mapping[str, Any],
         if sum(t.state in FINISHED for t in study.get_trials(deepcopy=False)) >= n_trials:
             study.stop()
 
-    if sum(t.state in FINISHED for t in study.get_trials(deepcopy=False)) < n_trials:
-        study.optimize(trial_objective, catch=(_BudgetReached,), callbacks=[stop_when_done, *callbacks])
+    remaining = n_trials - sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+    if remaining > 0:
+        # At most the remaining trials from this process; with other workers,
+        # _has_room keeps the study from passing n_trials.
+        study.optimize(trial_objective, n_trials=remaining, catch=(_BudgetReached,),
+                       callbacks=[stop_when_done, *callbacks], n_jobs=min(population, remaining))
+        if batcher is not None and batcher.failure is not None:
+            raise batcher.failure  # Optuna's threads record it on the trials; raise it as one process would
     return study
+
+
+class _Member:
+    def __init__(self, config: Any, trial: optuna.trial.Trial) -> None:
+        self.config, self.trial = config, trial
+        self.done, self.value, self.error = False, None, None
+
+
+class _Batcher:
+    """Collects the trials that Optuna's ``population`` threads ask for and runs
+    each group of like trials (same non-population fields) as one call of the
+    population objective: a group starts when it is full, or when no trial has
+    arrived for ``IDLE_SECONDS`` (the budget or the other groups hold the rest)."""
+
+    IDLE_SECONDS = 0.5
+
+    def __init__(self, size: int, objective: Callable[..., Any], population_fields: set[str]) -> None:
+        self.size, self.objective, self.population_fields = size, objective, population_fields
+        self.condition = threading.Condition()
+        self.pending: dict[tuple, list[_Member]] = {}
+        self.last_arrival = time.monotonic()
+        self.failure: BaseException | None = None
+
+    def submit(self, config: Any, trial: optuna.trial.Trial, params: Mapping[str, Any]) -> Any:
+        key = tuple(sorted((k, repr(v)) for k, v in params.items() if k not in self.population_fields))
+        member = _Member(config, trial)
+        with self.condition:
+            self.pending.setdefault(key, []).append(member)
+            self.last_arrival = time.monotonic()
+            self.condition.notify_all()
+            group = None
+            while not member.done:
+                waiting = self.pending.get(key)
+                idle = time.monotonic() - self.last_arrival >= self.IDLE_SECONDS
+                if waiting and member in waiting and (len(waiting) >= self.size or idle):
+                    group = self.pending.pop(key)
+                    break
+                self.condition.wait(timeout=0.1)
+        if group is not None:
+            self._run(group)
+        if member.error is not None:
+            raise member.error
+        return member.value
+
+    def _run(self, group: list[_Member]) -> None:
+        try:
+            values = list(self.objective([m.config for m in group], [m.trial for m in group]))
+            if len(values) != len(group):
+                raise ValueError(f"tune: the population objective must return {len(group)} values, got {len(values)}")
+        except BaseException as error:  # every member's trial fails with it
+            values, failure = [None] * len(group), error
+            self.failure = self.failure or error
+        else:
+            failure = None
+        with self.condition:
+            for member, value in zip(group, values):
+                member.value, member.error, member.done = value, failure, True
+            self.condition.notify_all()
 
 
 def best_trials(study: optuna.Study, k: int = 5) -> list[optuna.trial.FrozenTrial]:
