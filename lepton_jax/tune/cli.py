@@ -17,8 +17,6 @@ checkpoints.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -32,9 +30,10 @@ from lepton_jax import config as config_lib
 from lepton_jax import registry
 from lepton_jax.tune import space as space_lib
 from lepton_jax.tune import study as study_lib
+from lepton_jax.tune.recipes import RecipeObjective
 
 
-class TuneError(Exception):
+class TuneError(ValueError):
     """A usage error, printed as one line."""
 
 
@@ -62,16 +61,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="a progress bar over trials")
     return parser
-
-
-def _metric_value(results: Any, metric: str) -> float:
-    if metric in ("params", "num_params"):
-        return float(results["num_params"])
-    val = results.get("val_metrics") or {}
-    if metric not in val:
-        raise TuneError(f"--metric {metric!r} is not a validation metric of this recipe; it reports "
-                        f"{sorted(val)} and 'params'")
-    return float(val[metric])
 
 
 def _format_params(params: dict[str, Any]) -> str:
@@ -138,22 +127,18 @@ def tune(argv: Sequence[str]) -> int:
     args, overrides = _parser().parse_known_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per trial is printed here instead
     recipe = registry.get(args.recipe)
+    out = os.path.abspath(args.out or os.path.join("runs", "tune", args.recipe))
     if recipe.run is None or recipe.config is None:
         raise TuneError(f"recipe {args.recipe!r} does not support tuning (its Recipe has no config/run)")
     base = config_lib.override(recipe.config, overrides)
-    fields = {f.name for f in dataclasses.fields(base)}
-    if "out" not in fields:
-        raise TuneError(f"recipe {args.recipe!r}: its config has no 'out' field for the trials' outputs")
     space = space_lib.parse_space(args.space, base)
     metrics = args.metric or []
-    if not metrics:
-        raise TuneError("give --metric, a validation metric of the recipe (e.g. --metric accuracy)")
+    objective = RecipeObjective(recipe, metrics, out, prune=args.pruner != "none")
     directions = args.direction or ["maximize"] * len(metrics)
     if len(directions) != len(metrics):
         raise TuneError(f"give one --direction per --metric: {len(metrics)} metrics, {len(directions)} directions")
     if args.trials < 1:
         raise TuneError(f"--trials must be a positive int, got {args.trials}")
-    out = os.path.abspath(args.out or os.path.join("runs", "tune", args.recipe))
     storage = args.storage or study_lib.sqlite_url(os.path.join(out, "study.db"))
     study_name = args.study or args.recipe
     os.makedirs(out, exist_ok=True)
@@ -163,49 +148,6 @@ def tune(argv: Sequence[str]) -> int:
         raise TuneError(f"--population must be a positive int, got {args.population}")
     if args.population > 1 and recipe.population is None:
         raise TuneError(f"recipe {args.recipe!r} cannot train a population (its Recipe has no population)")
-
-    def trial_config(config: Any, trial: optuna.trial.Trial) -> Any:
-        trial_out = os.path.join(out, "trials", f"{trial.number:04d}")
-        changes = {"out": trial_out}
-        if "progress" in fields:
-            changes["progress"] = False
-        config = dataclasses.replace(config, **changes)
-        trial.set_user_attr("out", trial_out)
-        trial.set_user_attr("config", config_lib.to_dict(config))
-        return config
-
-    def population_objective(configs: list[Any], trials: list[optuna.trial.Trial]) -> list[Any]:
-        configs = [trial_config(c, t) for c, t in zip(configs, trials)]
-        pruned = [False] * len(trials)
-
-        def report(k: int, step: int, val: dict) -> None:
-            if args.pruner == "none" or pruned[k]:
-                return
-            trials[k].report(_metric_value({"val_metrics": val}, metrics[0]), step)
-            pruned[k] = trials[k].should_prune()
-
-        results = recipe.population(configs, report)
-        values = []
-        for k, result in enumerate(results):
-            if pruned[k]:
-                values.append(optuna.TrialPruned(f"pruned by the study's pruner (member {k} of a population)"))
-                continue
-            scores = [_metric_value(result, m) for m in metrics]
-            values.append(tuple(scores) if len(scores) > 1 else scores[0])
-        return values
-
-    def objective(config: Any, trial: optuna.trial.Trial) -> Any:
-        config = trial_config(config, trial)
-        trial_out = config.out
-        pruning = study_lib.PruningHook(trial, metrics[0]) if args.pruner != "none" else None
-        os.makedirs(trial_out, exist_ok=True)
-        with open(os.path.join(trial_out, "log.txt"), "w", encoding="utf-8") as log, \
-                contextlib.redirect_stdout(log):  # the recipe's own printout, one file per trial
-            results = recipe.run(config, [pruning] if pruning else [])
-        if pruning is not None and pruning.pruned:
-            raise optuna.TrialPruned(results.get("stop_reason") or "pruned")
-        values = [_metric_value(results, m) for m in metrics]
-        return tuple(values) if len(values) > 1 else values[0]
 
     bar = None
     if args.progress:
@@ -237,7 +179,7 @@ def tune(argv: Sequence[str]) -> int:
     if bar is not None:
         bar.update(min(before, args.trials))
     population = args.population > 1
-    study = study_lib.run(population_objective if population else objective, space, config=base,
+    study = study_lib.run(objective.population if population else objective, space, config=base,
                           n_trials=args.trials, sampler=args.sampler, pruner=args.pruner, storage=storage,
                           study_name=study_name, directions=directions, seed=args.seed, callbacks=[report],
                           population=args.population,

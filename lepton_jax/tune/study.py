@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import optuna
 
+from lepton_jax import registry
 from lepton_jax.train.hooks import Hook
 from lepton_jax.tune import space as space_lib
 
@@ -146,22 +147,26 @@ class _BudgetReached(Exception):
     """Other workers already run the study's last trials."""
 
 
-def run(objective: Callable[..., Any], space: Sequence[str] | Mapping[str, Any], *, config: Any,
-        n_trials: int, sampler: str | optuna.samplers.BaseSampler = "tpe",
+def run(objective: Callable[..., Any] | str | Any, space: Sequence[str] | Mapping[str, Any], *,
+        config: Any = None, n_trials: int, sampler: str | optuna.samplers.BaseSampler = "tpe",
         pruner: str | optuna.pruners.BasePruner = "none", storage: str | None = None,
         study_name: str = "lepton_jax", directions: Sequence[str] | str = "maximize", seed: int | None = None,
         callbacks: Sequence[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = (),
-        population: int = 1, population_fields: Sequence[str] | None = None) -> optuna.Study:
+        population: int = 1, population_fields: Sequence[str] | None = None,
+        metric: str | Sequence[str] | None = None, out: str | None = None) -> optuna.Study:
     """Searches ``space`` over ``config`` until the study holds ``n_trials`` finished trials.
 
     Args:
-      objective: ``objective(config)`` or ``objective(config, trial)`` -> the
+      objective: a registered recipe (its name or ``registry.Recipe``: each
+        trial trains it under ``out/trials/NNNN``, scored by ``metric`` on the
+        validation split), or ``objective(config)`` or ``objective(config, trial)`` -> the
         value (a float, or one per direction); with ``trial`` it may report
         intermediate values for pruning (``trial.report``/``should_prune``,
         or ``PruningHook`` in ``fit``) and raise ``optuna.TrialPruned``.
       space: ``--space`` strings (``"learning_rate=loguniform(1e-4,1e-1)"``)
         or ``{field: optuna distribution}``; checked before any trial runs.
-      config: the config dataclass each trial's values are set in.
+      config: the config dataclass each trial's values are set in (a
+        recipe's: its default config unless given).
       n_trials: the number of finished (completed or pruned) trials to reach.
       sampler / pruner: a name from ``SAMPLERS``/``PRUNERS`` or an Optuna object.
       storage: an RDB URL (``sqlite:///study.db``, ``postgresql://...``);
@@ -176,7 +181,11 @@ def run(objective: Callable[..., Any], space: Sequence[str] | Mapping[str, Any],
         ``optuna.TrialPruned`` instance for a member its pruner stopped).
         Each is still an ordinary trial of the study.
       population_fields: the fields a population's members may differ in
-        (default: the searched float fields); the others split trials into groups.
+        (default: the recipe's, else the searched float fields); the others
+        split trials into groups.
+      metric: with a recipe, its validation metric(s) (e.g. ``"accuracy"``;
+        ``"params"`` counts parameters), one per direction.
+      out: with a recipe, the trials' folder (default ``runs/tune/NAME``).
 
     Returns:
       The ``optuna.Study`` (``optuna.load_study`` opens the same study from ``storage``).
@@ -184,6 +193,21 @@ def run(objective: Callable[..., Any], space: Sequence[str] | Mapping[str, Any],
     if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
         raise ValueError(f"tune: n_trials must be a positive int, got {n_trials!r}")
     directions = _check_directions(directions)
+    if isinstance(objective, (str, registry.Recipe)):
+        from lepton_jax.tune.recipes import RecipeObjective
+
+        prune = not (pruner == "none" or isinstance(pruner, optuna.pruners.NopPruner))
+        name = objective if isinstance(objective, str) else objective.name
+        recipe_objective = RecipeObjective(objective, metric or [], out or os.path.join("runs", "tune", name),
+                                           prune=prune)
+        config = recipe_objective.recipe.config if config is None else config
+        if population_fields is None and population > 1:
+            population_fields = recipe_objective.recipe.population_fields
+        objective = recipe_objective.population if population > 1 else recipe_objective
+    elif metric is not None or out is not None:
+        raise ValueError("tune: metric= and out= are for a recipe; an objective function returns its own values")
+    if config is None:
+        raise ValueError("tune: give config=, the config dataclass the space is searched over")
     distributions = (space_lib.parse_space(space, config) if not isinstance(space, Mapping) else dict(space))
     if isinstance(sampler, str):
         if sampler == "nsga2" and len(directions) < 2:

@@ -116,6 +116,12 @@ def test_run_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"tune: the objective must return 1 number\(s\), got 'x'"):
         tune.run(lambda c: "x", SPACE, config=Config(), n_trials=1)
     assert os.path.basename(tune.sqlite_url("a/b.db")) == "b.db"
+    with pytest.raises(ValueError, match="give --metric, a validation metric of the recipe"):
+        tune.run("digits", ["learning_rate=uniform(1e-3,1e-2)"], n_trials=1)
+    with pytest.raises(ValueError, match="tune: metric= and out= are for a recipe"):
+        tune.run(quadratic, SPACE, config=Config(), n_trials=1, metric="x")
+    with pytest.raises(ValueError, match="tune: give config=, the config dataclass the space is searched over"):
+        tune.run(quadratic, SPACE, n_trials=1)
 
 
 _KILLABLE = """
