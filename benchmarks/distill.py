@@ -31,6 +31,7 @@ import tempfile
 
 import jax
 
+from benchmarks import write_result
 from recipes import digits
 
 VARIANTS = {
@@ -86,10 +87,7 @@ def main() -> dict:
     }
     print(json.dumps(result["mean_test_accuracy"], indent=2))
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"distill_{date}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {out}")
+    write_result(result, out)
     return result
 
 

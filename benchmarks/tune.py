@@ -36,6 +36,7 @@ import jax
 import optuna
 
 from lepton_jax import tune
+from benchmarks import write_result
 from recipes import digits
 
 POPULATION_SPACE = ["learning_rate=loguniform(1e-4,1e-1)", "weight_decay=loguniform(1e-6,1e-2)"]
@@ -119,10 +120,7 @@ def main() -> dict:
     result = {**(population(args) if args.what == "population" else samplers(args)), "machine": _machine(),
               "date": datetime.date.today().isoformat()}
     out = args.out or os.path.join("benchmarks", "results", f"tune_{args.what}_{result['date']}.json")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {out}")
+    write_result(result, out)
     return result
 
 

@@ -38,7 +38,7 @@ def override(config: Any, argv: Sequence[str]) -> Any:
         if not arg.startswith("--"):
             raise ValueError(f"override: expected --name[=value], got {arg!r}")
         name, has_value, value = arg[2:].partition("=")
-        current = _lookup(config, name)
+        current = get_field(config, name)
         if not has_value:
             next_is_value = i + 1 < len(args) and not args[i + 1].startswith("--")
             if isinstance(current, bool) and not next_is_value:
@@ -48,7 +48,7 @@ def override(config: Any, argv: Sequence[str]) -> Any:
                 value = args[i]
             else:
                 raise ValueError(f"override: --{name} needs a value")
-        config = _replace(config, name.split("."), _parse(value, current, name))
+        config = set_field(config, name, _parse(value, current, name))
         i += 1
     return config
 
@@ -82,20 +82,24 @@ def to_overrides(values: Mapping[str, Any], prefix: str = "") -> list[str]:
     return args
 
 
-def _lookup(config: Any, dotted: str) -> Any:
+def get_field(config: Any, dotted: str, *, where: str = "override") -> Any:
+    """The value of field ``dotted`` (``"model.width"``) of a (nested) dataclass
+    config; an unknown name raises ``ValueError`` prefixed with ``where``,
+    listing the known ones."""
     node = config
     for part in dotted.split("."):
         names = [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
         if part not in names:
-            raise ValueError(f"override: unknown config field {dotted!r}; known fields: {names}")
+            raise ValueError(f"{where}: unknown config field {dotted!r}; known fields: {names}")
         node = getattr(node, part)
     return node
 
 
-def _replace(config: Any, path: list[str], value: Any) -> Any:
-    head, *rest = path
+def set_field(config: Any, dotted: str, value: Any) -> Any:
+    """``config`` with field ``dotted`` set to ``value`` (a new frozen dataclass)."""
+    head, _, rest = dotted.partition(".")
     if rest:
-        value = _replace(getattr(config, head), rest, value)
+        value = set_field(getattr(config, head), rest, value)
     return dataclasses.replace(config, **{head: value})
 
 

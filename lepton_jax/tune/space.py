@@ -22,6 +22,8 @@ from typing import Any, Mapping, Sequence
 
 import optuna
 
+from lepton_jax import config as config_lib
+
 Distribution = optuna.distributions.BaseDistribution
 
 _SPEC = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*=\s*([a-z]+)\s*\((.*)\)\s*$", re.S)
@@ -50,24 +52,13 @@ def _choice_value(text: str) -> Any:
         return text
 
 
-def _field_value(config: Any, dotted: str) -> Any:
-    node = config
-    for part in dotted.split("."):
-        names = [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
-        if part not in names:
-            raise ValueError(f"--space {dotted}: {type(config).__name__} has no field {dotted!r}; "
-                             f"its fields: {names}")
-        node = getattr(node, part)
-    return node
-
-
 def parse_distribution(spec: str, config: Any) -> tuple[str, Distribution]:
     """``"name=kind(args)"`` -> ``(name, optuna distribution)``, checked against ``config``'s field."""
     match = _SPEC.match(spec)
     if not match:
         raise ValueError(f"--space: expected NAME=KIND(ARGS) with KIND one of {_KINDS}, got {spec!r}")
     field, kind, args_text = match.groups()
-    current = _field_value(config, field)
+    current = config_lib.get_field(config, field, where=f"--space {field}")
     args = [a for a in (s.strip() for s in args_text.split(",")) if a] if args_text.strip() else []
     if kind not in _KINDS:
         raise ValueError(f"--space {field}: unknown distribution {kind!r}; use one of {_KINDS}")
@@ -149,20 +140,13 @@ def parse_space(specs: Sequence[str], config: Any) -> dict[str, Distribution]:
 def apply_params(config: Any, params: Mapping[str, Any]) -> Any:
     """``config`` with the trial's ``params`` set (dotted names reach nested configs)."""
     for name, value in params.items():
-        current = _field_value(config, name)
+        current = config_lib.get_field(config, name, where=f"--space {name}")
         if isinstance(current, str) and not isinstance(value, str):
             value = str(value)
         elif isinstance(current, float) and not isinstance(current, bool):
             value = float(value)
-        config = _replace(config, name.split("."), value)
+        config = config_lib.set_field(config, name, value)
     return config
-
-
-def _replace(config: Any, path: list[str], value: Any) -> Any:
-    head, *rest = path
-    if rest:
-        value = _replace(getattr(config, head), rest, value)
-    return dataclasses.replace(config, **{head: value})
 
 
 def grid(space: Mapping[str, Distribution]) -> dict[str, list[Any]]:

@@ -53,7 +53,7 @@ def test_apply_params_sets_fields_with_their_types():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("lr=loguniform(1e-4,1e-1)", r"--space lr: Config has no field 'lr'; its fields: \['learning_rate'"),
+    ("lr=loguniform(1e-4,1e-1)", r"--space lr: unknown config field 'lr'; known fields: \['learning_rate'"),
     ("learning_rate=normal(0,1)", r"--space learning_rate: unknown distribution 'normal'"),
     ("learning_rate=loguniform(0,1)", r"--space learning_rate: a log scale needs low > 0, got low=0"),
     ("learning_rate=uniform(1,0.5)", r"--space learning_rate: uniform\(\) needs finite low < high, got low=1, high=0.5"),

@@ -17,7 +17,7 @@ FAST = ["--model=mlp", "--epochs=2", "--eval_every_epochs=1", "--hidden=16"]
 def test_bad_arguments_fail_in_one_line_before_any_trial(tmp_path, capsys):
     out = tmp_path / "t"
     cases = [
-        (["--space", "lr=loguniform(1e-4,1e-1)"], "lepton-jax tune: --space lr: DigitsConfig has no field 'lr'"),
+        (["--space", "lr=loguniform(1e-4,1e-1)"], "lepton-jax tune: --space lr: unknown config field 'lr'"),
         (["--space", "epochs=uniform(1,5)"], "lepton-jax tune: --space epochs: epochs is an int field"),
         (["--space", "learning_rate=loguniform(1e-4,1e-1)"], "lepton-jax tune: give --metric"),
         (["--space", "learning_rate=loguniform(1e-4,1e-1)", "--metric", "accuracy", "--sampler", "grid"],
