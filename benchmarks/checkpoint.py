@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from benchmarks import write_result
 from lepton_jax import checkpoint
 
 _ARRAY_MB = 64
@@ -145,10 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
                                    "step": f"8 x ({args.step_size}^2 matmul + tanh), fp32"},
     }
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"checkpoint_{result['date']}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))
+    write_result(result, out)
     return result
 
 

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 import uvicorn
 
+from benchmarks import write_result
 from lepton_jax import models
 from lepton_jax.export import export_model
 from lepton_jax.serve import create_app
@@ -129,10 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
         "throughput_ratio": batched["requests_per_second"] / unbatched["requests_per_second"],
     }
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"serve_load_{result['date']}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))
+    write_result(result, out)
     return result
 
 

@@ -35,8 +35,8 @@ import time
 import jax
 import optuna
 
-from lepton_jax import tune
 from benchmarks import write_result
+from lepton_jax import tune
 from recipes import digits
 
 POPULATION_SPACE = ["learning_rate=loguniform(1e-4,1e-1)", "weight_decay=loguniform(1e-6,1e-2)"]

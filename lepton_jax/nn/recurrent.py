@@ -72,7 +72,26 @@ def _scan(step: Callable, carry: Carry, inputs_BxTxG: jax.Array, valid_BxT: jax.
     return jnp.swapaxes(outputs_TxBxH, 0, 1), carry
 
 
-class LSTM(linen.Module):
+def _kernels(module: linen.Module, x_BxTxF: jax.Array, gates: int) -> tuple[jax.Array, jax.Array]:
+    """The input kernel ``[F, gates*H]`` and the recurrent kernel ``[H, gates*H]``
+    (one ``recurrent_init`` block per gate) of an LSTM or GRU layer."""
+    F, H = x_BxTxF.shape[-1], module.features
+    w_in = module.param("input_kernel", module.kernel_init, (F, gates * H))
+    w_rec = module.param("recurrent_kernel", lambda k, s: jnp.concatenate(
+        [module.recurrent_init(kk, (H, H)) for kk in jax.random.split(k, gates)], axis=1), (H, gates * H))
+    return w_in, w_rec
+
+
+class _RecurrentLayer(linen.Module):
+    """The fields LSTM and GRU share."""
+
+    features: int
+    reverse: bool = False
+    kernel_init: Callable[..., jax.Array] = linen.initializers.lecun_normal()
+    recurrent_init: Callable[..., jax.Array] = linen.initializers.orthogonal()
+
+
+class LSTM(_RecurrentLayer):
     """Long short-term memory layer (gates i, f, g, o).
 
     ``c' = f * c + i * g``, ``h' = o * tanh(c')``; the forget-gate bias starts
@@ -81,21 +100,14 @@ class LSTM(linen.Module):
     last valid step back to its first.
     """
 
-    features: int
     forget_bias: float = 1.0
-    reverse: bool = False
-    kernel_init: Callable[..., jax.Array] = linen.initializers.lecun_normal()
-    recurrent_init: Callable[..., jax.Array] = linen.initializers.orthogonal()
 
     @linen.compact
     def __call__(self, x_BxTxF: jax.Array, *, lengths: jax.Array | None = None, mask: jax.Array | None = None,
                  initial_carry: Carry | None = None) -> tuple[jax.Array, Carry]:
         valid_BxT = _time_mask("LSTM", x_BxTxF, lengths, mask)
-        B, T, F = x_BxTxF.shape
-        H = self.features
-        w_in_Fx4H = self.param("input_kernel", self.kernel_init, (F, 4 * H))
-        w_rec_Hx4H = self.param("recurrent_kernel", lambda k, s: jnp.concatenate(
-            [self.recurrent_init(kk, (H, H)) for kk in jax.random.split(k, 4)], axis=1), (H, 4 * H))
+        B, H = x_BxTxF.shape[0], self.features
+        w_in_Fx4H, w_rec_Hx4H = _kernels(self, x_BxTxF, 4)
         bias_4H = self.param("bias", lambda k, s: jnp.zeros(s).at[H:2 * H].set(self.forget_bias), (4 * H,))
         gates_in_BxTx4H = x_BxTxF @ w_in_Fx4H + bias_4H
 
@@ -111,7 +123,7 @@ class LSTM(linen.Module):
         return _scan(step, carry, gates_in_BxTx4H, valid_BxT, self.reverse)
 
 
-class GRU(linen.Module):
+class GRU(_RecurrentLayer):
     """Gated recurrent unit layer (the cuDNN/PyTorch form, reset gate applied
     after the recurrent matmul).
 
@@ -120,20 +132,12 @@ class GRU(linen.Module):
     Carry: ``h_BxH``.
     """
 
-    features: int
-    reverse: bool = False
-    kernel_init: Callable[..., jax.Array] = linen.initializers.lecun_normal()
-    recurrent_init: Callable[..., jax.Array] = linen.initializers.orthogonal()
-
     @linen.compact
     def __call__(self, x_BxTxF: jax.Array, *, lengths: jax.Array | None = None, mask: jax.Array | None = None,
                  initial_carry: Carry | None = None) -> tuple[jax.Array, Carry]:
         valid_BxT = _time_mask("GRU", x_BxTxF, lengths, mask)
-        B, T, F = x_BxTxF.shape
-        H = self.features
-        w_in_Fx3H = self.param("input_kernel", self.kernel_init, (F, 3 * H))
-        w_rec_Hx3H = self.param("recurrent_kernel", lambda k, s: jnp.concatenate(
-            [self.recurrent_init(kk, (H, H)) for kk in jax.random.split(k, 3)], axis=1), (H, 3 * H))
+        B, H = x_BxTxF.shape[0], self.features
+        w_in_Fx3H, w_rec_Hx3H = _kernels(self, x_BxTxF, 3)
         b_in_3H = self.param("input_bias", linen.initializers.zeros_init(), (3 * H,))
         b_rec_3H = self.param("recurrent_bias", linen.initializers.zeros_init(), (3 * H,))
         gates_in_BxTx3H = x_BxTxF @ w_in_Fx3H + b_in_3H
