@@ -187,3 +187,19 @@ def test_nsga2_pareto_front_equals_optuna_and_is_written(tmp_path, capsys):
     assert sorted(p["trial"] for p in front) == sorted(t.number for t in reference.best_trials)
     assert all(set(p["values"]) == {"x", "cost"} for p in front)
     assert (tmp_path / "pareto_front.png").exists() and "Pareto front:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, reference", [
+    ("gp", lambda: optuna.samplers.GPSampler(seed=4)),
+    ("cmaes", lambda: optuna.samplers.CmaEsSampler(seed=4, warn_independent_sampling=False)),
+    ("random", lambda: optuna.samplers.RandomSampler(seed=4)),
+])
+def test_each_sampler_is_optunas(name, reference):
+    def objective(config: Config) -> float:
+        return (config.x - 0.3) ** 2
+
+    study = tune.run(objective, ["x=uniform(-1,1)"], config=Config(), n_trials=8, sampler=name, seed=4,
+                     directions="minimize")
+    expected = optuna.create_study(sampler=reference(), direction="minimize")
+    expected.optimize(lambda t: objective(Config(x=t.suggest_float("x", -1, 1))), n_trials=8)
+    assert [t.params for t in study.trials] == [t.params for t in expected.trials]
