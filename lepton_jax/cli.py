@@ -4,6 +4,7 @@
     lepton-jax train digits --model cnn   # run a recipe with config overrides
     lepton-jax train --list               # the recipes installed
     lepton-jax train digits --config runs/tune/digits/best.json  # a config file (e.g. tune's best)
+    lepton-jax data pack --corpus "texts/*.txt" --seq-len 1024 --out packed  # tokenize and pack a corpus
     lepton-jax tune digits --model=mlp --space "learning_rate=loguniform(1e-4,1e-1)" --metric accuracy
     lepton-jax ckpt ls runs/x/checkpoints # list, inspect, diff, convert, verify checkpoints
     lepton-jax export --recipe digits --ckpt runs/digits --out models/digits  # a versioned model directory
@@ -103,6 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ckpt = commands.add_parser("ckpt", add_help=False, help="list, inspect, diff, convert and verify checkpoints "
                                "(lepton-jax ckpt -h for more)")
     ckpt.add_argument("args", nargs=argparse.REMAINDER)
+    data = commands.add_parser("data", add_help=False, help="train tokenizers, pack corpora into ArrayRecord shards "
+                               "(lepton-jax data -h for more)")
+    data.add_argument("args", nargs=argparse.REMAINDER)
     tune = commands.add_parser("tune", add_help=False, help="hyper-parameter search over a recipe's config on Optuna "
                                "(lepton-jax tune -h for more)")
     tune.add_argument("args", nargs=argparse.REMAINDER)
@@ -137,6 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         # Options before the verb (e.g. -h) land in rest; the verb and all after it in args.args.
         return run_ckpt([*rest, *args.args])
+    if args.command == "data":
+        from lepton_jax.data.cli import run_data
+
+        return run_data([*rest, *args.args])
     if args.command == "tune":
         from lepton_jax.tune.cli import TuneError, tune as run_tune
 
