@@ -95,10 +95,18 @@ def build(run: RunConfig):
     if run.dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"gpt: --dtype must be float32, bfloat16 or float16, got {run.dtype!r}")
     batch, seq, steps, lr, warmup = TRAINING[run.config]
+    vocab_size = MODEL_CONFIGS[run.config].vocab_size
+    if data.is_pack(run.data):  # a packed corpus: its rows set the length, its tokenizer the vocabulary
+        pack = data.read_pack(run.data)
+        if run.seq_len and run.seq_len != pack["seq_len"] - 1:
+            raise ValueError(f"gpt: --seq_len {run.seq_len} does not match the pack in {run.data}, whose rows of "
+                             f"{pack['seq_len']} ids train {pack['seq_len'] - 1} positions")
+        seq, vocab_size = pack["seq_len"] - 1, pack["vocab_size"]
     run = dataclasses.replace(run, batch_size=run.batch_size or batch, seq_len=run.seq_len or seq,
                               steps=run.steps or steps, learning_rate=run.learning_rate or lr)
     model_config = dataclasses.replace(MODEL_CONFIGS[run.config], dtype=jnp.dtype(run.dtype), fused_loss=run.fused_loss,
-                                       max_len=max(MODEL_CONFIGS[run.config].max_len, run.seq_len))
+                                       max_len=max(MODEL_CONFIGS[run.config].max_len, run.seq_len),
+                                       vocab_size=vocab_size)
     schedule = optim.ScheduleConfig(name="cosine", peak_lr=run.learning_rate,
                                     warmup_steps=min(warmup, run.steps // 5), total_steps=run.steps,
                                     end_lr=run.learning_rate / 10)
@@ -110,10 +118,24 @@ def build(run: RunConfig):
 def train_run(run: RunConfig, extra_hooks: Sequence[train.Hook] = ()) -> dict:
     """Trains (``extra_hooks`` join the recipe's) and returns the summary."""
     run, model, tx = build(run)
-    tokens = data.load_bytes(run.data.split(",") if run.data else None, max_bytes=run.max_bytes)
-    train_tokens, val_tokens = data.split_tokens(tokens, 0.05)
-    batches = data.TokenWindows(train_tokens, run.batch_size, run.seq_len, seed=run.seed)
-    val = data.eval_windows(val_tokens, run.seq_len, run.eval_windows)
+    model_inputs: tuple[str, ...] = ()
+    if data.is_pack(run.data):  # packed shards streamed by Grain; documents kept apart by segment ids
+        batches = data.GrainLoader(data.ArrayRecords(os.path.join(run.data, "train")), batch_size=run.batch_size,
+                                   seed=run.seed, transforms=[data.lm_example])
+        val_rows = data.ArrayRecords(os.path.join(run.data, "val"))
+        examples = [data.lm_example(val_rows[i]) for i in range(min(len(val_rows), run.eval_windows))]
+        val = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+        model_inputs = ("segment_ids",)
+        pack = data.read_pack(run.data)
+        corpus = (f"packed corpus {run.data}: {pack['documents']:,} documents, {pack['tokens']:,} tokens, "
+                  f"tokenizer {pack['tokenizer']}")
+    else:
+        tokens = data.load_bytes(run.data.split(",") if run.data else None, max_bytes=run.max_bytes)
+        train_tokens, val_tokens = data.split_tokens(tokens, 0.05)
+        batches = data.TokenWindows(train_tokens, run.batch_size, run.seq_len, seed=run.seed)
+        val = data.eval_windows(val_tokens, run.seq_len, run.eval_windows)
+        corpus = (f"corpus {len(tokens) / 1e6:.1f} MB ({len(train_tokens):,} train / {len(val_tokens):,} "
+                  "held-out bytes)")
 
     mesh = parallel.make_mesh(parse_mesh(run.mesh))
     rules = parallel.get_rules(run.rules)
@@ -123,17 +145,16 @@ def train_run(run: RunConfig, extra_hooks: Sequence[train.Hook] = ()) -> dict:
     state, shardings = parallel.create_sharded_train_state(
         model, tx, example, mesh, rules, seed=run.seed, loss_scale="dynamic" if run.dtype == "float16" else None)
     sharded_step = parallel.make_sharded_train_step(model, tx, models.lm_loss, mesh, rules, shardings,
-                                                    input_key="inputs")
+                                                    input_key="inputs", model_inputs=model_inputs)
     step = lambda state, batch: sharded_step(state, parallel.shard_batch(batch, mesh, rules))  # noqa: E731
-    eval_step = train.make_eval_step(model, models.lm_loss, input_key="inputs")
+    eval_step = train.make_eval_step(model, models.lm_loss, input_key="inputs", model_inputs=model_inputs)
 
     num_params = train.count_params(state.params)
     tokens_per_step = run.batch_size * run.seq_len
     flops = flops_per_token(model.config, num_params, run.seq_len) * tokens_per_step
     kind = jax.devices()[0].device_kind
     peak = next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None)
-    print(f"model {run.config}: {num_params / 1e6:.2f}M params, {model.config.dtype.name} compute | "
-          f"corpus {len(tokens) / 1e6:.1f} MB ({len(train_tokens):,} train / {len(val_tokens):,} held-out bytes)")
+    print(f"model {run.config}: {num_params / 1e6:.2f}M params, {model.config.dtype.name} compute | {corpus}")
     started = time.perf_counter()
     hooks = [
         train.Preemption(),

@@ -159,6 +159,22 @@ def pack_corpus(files: Sequence[str], tokenizer: str, seq_len: int, out_dir: str
     return metadata
 
 
+def lm_example(record: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A packed row as a next-token example: ``inputs`` (all but the last id),
+    ``targets`` (the next ids; -100 where the next id starts another document
+    or is padding, so the loss skips it) and ``segment_ids`` of the inputs."""
+    row, segments = np.asarray(record["inputs"]), np.asarray(record["segment_ids"])
+    same = (segments[1:] == segments[:-1]) & (segments[1:] > 0)
+    return {"inputs": row[:-1], "targets": np.where(same, row[1:], -100).astype(np.int32),
+            "segment_ids": segments[:-1]}
+
+
+def is_pack(directory: str) -> bool:
+    """Whether ``directory`` holds a packed corpus."""
+    return bool(directory) and os.path.isfile(os.path.join(directory, "metadata.json")) and \
+        os.path.isdir(os.path.join(directory, "train"))
+
+
 def read_pack(directory: str) -> dict[str, Any]:
     """A pack's ``metadata.json``, checked."""
     path = os.path.join(directory, "metadata.json")
@@ -177,4 +193,4 @@ def pack_tokenizer(directory: str) -> Any:
     return load_tokenizer("bytes" if name == "bytes" else os.path.join(directory, name))
 
 
-__all__ = ["PACK_FORMAT", "pack_corpus", "pack_rows", "pack_tokenizer", "read_pack"]
+__all__ = ["PACK_FORMAT", "is_pack", "lm_example", "pack_corpus", "pack_rows", "pack_tokenizer", "read_pack"]

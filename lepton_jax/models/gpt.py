@@ -109,7 +109,8 @@ class Attention(linen.Module):
     config: GPTConfig
 
     @linen.compact
-    def __call__(self, x_BxSxE: jax.Array, positions_S: jax.Array, decode: bool = False) -> jax.Array:
+    def __call__(self, x_BxSxE: jax.Array, positions_S: jax.Array, decode: bool = False,
+                 segment_ids_BxS: jax.Array | None = None) -> jax.Array:
         c = self.config
         E, H, K, D = c.d_model, c.num_heads, c.kv_heads, c.head_dim
         w_q_ExHxD = _param(self, "query", (E, H, D), ("embed", "heads", "head_dim"))
@@ -126,7 +127,9 @@ class Attention(linen.Module):
         if decode:
             out_BxSxHxD = self._attend_cache(q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, positions_S)
         else:
+            segments = None if segment_ids_BxS is None else (segment_ids_BxS, segment_ids_BxS)
             out_BxSxHxD = _AttentionCore(name="core")(q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, causal=True,
+                                                      segment_ids=segments,
                                                       implementation=c.attention_implementation)
         return jnp.einsum("bshd,hde->bse", out_BxSxHxD, cast(w_o_HxDxE, c.dtype))
 
@@ -173,9 +176,11 @@ class Block(linen.Module):
     config: GPTConfig
 
     @linen.compact
-    def __call__(self, x_BxSxE: jax.Array, positions_S: jax.Array, decode: bool = False) -> jax.Array:
+    def __call__(self, x_BxSxE: jax.Array, positions_S: jax.Array, decode: bool = False,
+                 segment_ids_BxS: jax.Array | None = None) -> jax.Array:
         c = self.config
-        attention = Attention(c, name="attention")(_Norm(c, name="attention_norm")(x_BxSxE), positions_S, decode)
+        attention = Attention(c, name="attention")(_Norm(c, name="attention_norm")(x_BxSxE), positions_S, decode,
+                                                   segment_ids_BxS)
         x_BxSxE = x_BxSxE + attention.astype(x_BxSxE.dtype)
         x_BxSxE = x_BxSxE + MLPBlock(c, name="mlp")(_Norm(c, name="mlp_norm")(x_BxSxE)).astype(x_BxSxE.dtype)
         return _constrain(x_BxSxE)
@@ -188,16 +193,21 @@ class GPT(linen.Module):
     ``[B, S, d_model]`` instead (for a fused linear cross-entropy).
     ``decode=True`` takes one token ``[B, 1]`` at the position held in the
     ``"cache"`` collection (apply with ``mutable=["cache"]``; see ``generate``).
+    ``segment_ids`` ``[B, S]`` (packed documents): a token attends only to
+    earlier tokens of its own segment.
     """
 
     config: GPTConfig
 
     @linen.compact
     def __call__(self, tokens_BxS: jax.Array, *, train: bool = False, return_hidden: bool = False,
-                 decode: bool = False) -> jax.Array:
+                 decode: bool = False, segment_ids: jax.Array | None = None) -> jax.Array:
         c = self.config
         if tokens_BxS.ndim != 2 or not jnp.issubdtype(tokens_BxS.dtype, jnp.integer):
             raise ValueError(f"GPT: tokens must be integer [batch, seq], got {tokens_BxS.dtype} {tokens_BxS.shape}")
+        if segment_ids is not None and (decode or jnp.shape(segment_ids) != tokens_BxS.shape):
+            raise ValueError(f"GPT: segment_ids must have the tokens' shape {tokens_BxS.shape} (and no decode), "
+                             f"got {jnp.shape(segment_ids)}")
         if tokens_BxS.shape[1] > c.max_len and c.positions == "learned":
             raise ValueError(f"GPT: sequence length {tokens_BxS.shape[1]} exceeds max_len {c.max_len}")
         S = tokens_BxS.shape[1]
@@ -216,7 +226,7 @@ class GPT(linen.Module):
         x_BxSxE = _constrain(x_BxSxE.astype(c.dtype))
         block = linen.remat(Block, static_argnums=(3,)) if c.remat else Block
         for i in range(c.num_layers):
-            x_BxSxE = block(c, name=f"block_{i}")(x_BxSxE, positions_S, decode)
+            x_BxSxE = block(c, name=f"block_{i}")(x_BxSxE, positions_S, decode, segment_ids)
         x_BxSxE = _Norm(c, name="final_norm")(x_BxSxE)
         if return_hidden:
             return x_BxSxE

@@ -56,6 +56,7 @@ def make_train_step(
     loss_fn: LossFn,
     *,
     input_key: str,
+    model_inputs: Sequence[str] = (),
     regularizer: Callable[[Any], jax.Array] | None = None,
     augment_fn: AugmentFn | None = None,
     axis_name: str | None = None,
@@ -69,6 +70,8 @@ def make_train_step(
       tx: optax transformation (the one ``state.opt_state`` was made with).
       loss_fn: ``(outputs, batch) -> loss`` or ``(loss, aux_metrics)``.
       input_key: the batch entry fed to the model.
+      model_inputs: batch entries also passed to the model by keyword (e.g.
+        ``("segment_ids",)`` for packed sequences).
       regularizer: optional ``params -> scalar`` added to the loss (e.g.
         ``lambda p: 1e-4 * ops.l2_penalty(p)``); reported as ``"penalty"``.
       augment_fn: optional ``(key, inputs) -> inputs`` applied before the model;
@@ -91,6 +94,7 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         inputs = _get(batch, input_key, "train_step")
+        extra = {key: _get(batch, key, "train_step") for key in model_inputs}
         step_key = jax.random.fold_in(state.rng, state.step)
         augment_key, dropout_key = jax.random.split(step_key)
         if augment_fn is not None:
@@ -102,7 +106,7 @@ def make_train_step(
         def objective(params):
             variables = {"params": params, **state.model_state}
             outputs, new_model_state = _apply(
-                model, variables, inputs, train=True, rngs={"dropout": dropout_key}, mutable=mutable
+                model, variables, inputs, train=True, rngs={"dropout": dropout_key}, mutable=mutable, **extra
             )
             loss, aux = _split_loss(loss_fn(outputs, batch))
             penalty = regularizer(params) if regularizer is not None else jnp.zeros((), loss.dtype)
@@ -147,12 +151,15 @@ def make_eval_step(
     loss_fn: LossFn,
     *,
     input_key: str,
+    model_inputs: Sequence[str] = (),
     label_key: str = "label",
     num_classes: int | None = None,
     top_k: Sequence[int] = (1,),
     jit: bool = True,
 ) -> Callable[[TrainState, Batch], dict[str, Any]]:
     """Builds ``eval_step(state, batch) -> stats`` of additive sums.
+
+    ``model_inputs``: batch entries also passed to the model by keyword (as in ``make_train_step``).
 
     ``stats`` holds ``loss_sum`` and ``num_examples`` (examples whose
     ``batch["mask"]`` is True), and with ``num_classes`` the classification
@@ -162,7 +169,8 @@ def make_eval_step(
 
     def eval_step(state: TrainState, batch: Batch) -> dict[str, Any]:
         inputs = _get(batch, input_key, "eval_step")
-        outputs = model.apply(state.variables(), inputs, train=False)
+        extra = {key: _get(batch, key, "eval_step") for key in model_inputs}
+        outputs = model.apply(state.variables(), inputs, train=False, **extra)
         mask_B = batch.get("mask")
         if mask_B is None:
             mask_B = jnp.ones(inputs.shape[:1], bool)
@@ -209,11 +217,11 @@ def evaluate(state: TrainState, eval_step: Callable, batches) -> dict[str, Any]:
     return finalize_stats(total)
 
 
-def _apply(model, variables, inputs, *, train, rngs, mutable):
+def _apply(model, variables, inputs, *, train, rngs, mutable, **extra):
     if mutable:
-        outputs, new_state = model.apply(variables, inputs, train=train, rngs=rngs, mutable=mutable)
+        outputs, new_state = model.apply(variables, inputs, train=train, rngs=rngs, mutable=mutable, **extra)
         return outputs, dict(new_state)
-    return model.apply(variables, inputs, train=train, rngs=rngs), {}
+    return model.apply(variables, inputs, train=train, rngs=rngs, **extra), {}
 
 
 def _split_loss(out: LossOutput) -> tuple[jax.Array, dict[str, jax.Array]]:

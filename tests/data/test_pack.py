@@ -115,3 +115,12 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     (tmp_path / "no_eod.json").write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}}')
     with pytest.raises(ValueError, match="has no end-of-document token"):
         data.load_tokenizer(str(tmp_path / "no_eod.json"))
+
+
+def test_lm_example_masks_targets_across_documents_and_padding():
+    inputs, segments = data.pack_rows([np.array([1, 2]), np.array([3, 4, 5])], eod_id=9, seq_len=8)
+    example = data.lm_example({"inputs": inputs[0], "segment_ids": segments[0]})
+    # row: 1 2 9 | 3 4 5 9 | pad(9) ; segments 1 1 1 2 2 2 2 0
+    np.testing.assert_array_equal(example["inputs"], [1, 2, 9, 3, 4, 5, 9])
+    np.testing.assert_array_equal(example["targets"], [2, 9, -100, 4, 5, 9, -100])
+    np.testing.assert_array_equal(example["segment_ids"], [1, 1, 1, 2, 2, 2, 2])

@@ -91,3 +91,24 @@ def test_bad_recipe_options():
         gpt.main(["--config=huge"])
     with pytest.raises(ValueError, match="--mesh takes name=size pairs"):
         gpt.parse_mesh("data:2")
+
+
+@pytest.mark.slow
+def test_trains_from_a_packed_corpus(tmp_path):
+    from lepton_jax import checkpoint, data
+
+    corpus = os.path.join(os.path.dirname(json.__file__), "*.py")  # the stdlib's json package: 5 documents
+    pack = tmp_path / "pack"
+    data.pack_corpus(data.corpus_files(corpus), "bytes", 33, str(pack), val_fraction=0.2, progress=False)
+    flags = ["--config=tiny", f"--data={pack}", "--batch_size=8", "--eval_every=4", "--eval_windows=8",
+             "--progress=false", f"--out={tmp_path / 'run'}"]
+    first = gpt.main([*flags, "--steps=8"])
+    assert first["val_bits_per_byte"] < math.log2(257)  # below uniform over the pack's 257 ids
+    params = checkpoint.restore(str(tmp_path / "run" / "checkpoints"), params_only=True)
+    assert params["embedding"].shape[0] == 257  # the vocabulary of the pack's tokenizer, end of document included
+    with checkpoint.CheckpointManager(str(tmp_path / "run" / "checkpoints"), async_save=False) as manager:
+        position = manager.extra(8)["data"]  # the Grain loader's, for resume (tests/data/test_records.py)
+    assert position["batch_size"] == 8 and "grain" in position
+    with pytest.raises(ValueError, match=r"gpt: --seq_len 64 does not match the pack in .*, whose rows of 33 ids "
+                                         r"train 32 positions"):
+        gpt.main([*flags, "--seq_len=64"])
