@@ -45,3 +45,13 @@ def test_default_recipe_reaches_the_accuracy_bar(tmp_path, model, bar, request):
         results = digits.main([f"--model={model}", f"--out={tmp_path}", "--progress=false"])
     assert results["test_accuracy"] >= bar
     assert results["train_seconds"] < 120
+
+
+@pytest.mark.slow
+def test_the_grain_loader_trains_the_mlp_as_well(tmp_path):
+    from lepton_jax import checkpoint
+
+    results = digits.main(["--model=mlp", "--loader=grain", "--epochs=10", f"--out={tmp_path}", "--progress=false"])
+    assert results["test_accuracy"] >= 0.9 and results["steps"] == 10 * (1266 // 64)  # a quarter of the default run
+    with checkpoint.CheckpointManager(str(tmp_path / "checkpoints"), async_save=False) as manager:
+        assert "grain" in manager.extra()["data"]  # the loader's position, for resume
