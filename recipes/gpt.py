@@ -187,11 +187,22 @@ def train_run(run: RunConfig, extra_hooks: Sequence[train.Hook] = ()) -> dict:
 def generate_run(run: RunConfig) -> str:
     run, model, _ = build(run)
     params = checkpoint.restore(os.path.join(run.out, "checkpoints"), params_only=True)  # the latest step
-    prompt = np.frombuffer(run.generate.encode("utf-8"), np.uint8).astype(np.int32)[None]
+    tokenizer = data.pack_tokenizer(run.data) if data.is_pack(run.data) else None
+    vocabulary = params["embedding"].shape[0]
+    if tokenizer is not None and tokenizer.vocab_size > vocabulary:
+        raise ValueError(f"gpt: the tokenizer of {run.data} has {tokenizer.vocab_size} ids but the model in {run.out} "
+                         f"has a vocabulary of {vocabulary}")
+    if tokenizer is None and vocabulary < 256:
+        raise ValueError(f"gpt: byte-level generation needs a vocabulary of 256 or more; the model in {run.out} "
+                         f"has {vocabulary} (give --data, the pack it was trained on)")
+    model = model.clone(config=dataclasses.replace(model.config, vocab_size=vocabulary))
+    encode = tokenizer.encode if tokenizer is not None else data.ByteTokenizer().encode
+    prompt = encode(run.generate)[None]
     room = model.config.max_len - prompt.shape[1]
     out = models.generate(model, params, prompt, min(run.max_new_tokens, room),
                           temperature=run.temperature, top_k=run.top_k, seed=run.seed)
-    text = bytes(np.asarray(out[0], np.uint8)).decode("utf-8", errors="replace")
+    decode = tokenizer.decode if tokenizer is not None else data.ByteTokenizer().decode
+    text = decode(np.asarray(out[0]))
     print(text)
     return text
 

@@ -93,22 +93,45 @@ def test_bad_recipe_options():
         gpt.parse_mesh("data:2")
 
 
-@pytest.mark.slow
-def test_trains_from_a_packed_corpus(tmp_path):
-    from lepton_jax import checkpoint, data
+@pytest.fixture(scope="module")
+def packed_run(tmp_path_factory):
+    """4 steps of the tiny GPT on a byte-level pack of the stdlib's json package (5 documents)."""
+    from lepton_jax import data
 
-    corpus = os.path.join(os.path.dirname(json.__file__), "*.py")  # the stdlib's json package: 5 documents
-    pack = tmp_path / "pack"
-    data.pack_corpus(data.corpus_files(corpus), "bytes", 33, str(pack), val_fraction=0.2, progress=False)
-    flags = ["--config=tiny", f"--data={pack}", "--batch_size=8", "--eval_every=4", "--eval_windows=8",
-             "--progress=false", f"--out={tmp_path / 'run'}"]
-    first = gpt.main([*flags, "--steps=8"])
+    root = tmp_path_factory.mktemp("packed")
+    corpus = os.path.join(os.path.dirname(json.__file__), "*.py")
+    data.pack_corpus(data.corpus_files(corpus), "bytes", 33, str(root / "pack"), val_fraction=0.2, progress=False)
+    flags = ["--config=tiny", f"--data={root / 'pack'}", "--batch_size=8", "--eval_every=4", "--eval_windows=8",
+             "--progress=false", f"--out={root / 'run'}"]
+    return root, corpus, flags, gpt.main([*flags, "--steps=4"])
+
+
+@pytest.mark.slow
+def test_trains_from_a_packed_corpus(packed_run):
+    from lepton_jax import checkpoint
+
+    root, _, flags, first = packed_run
     assert first["val_bits_per_byte"] < math.log2(257)  # below uniform over the pack's 257 ids
-    params = checkpoint.restore(str(tmp_path / "run" / "checkpoints"), params_only=True)
+    params = checkpoint.restore(str(root / "run" / "checkpoints"), params_only=True)
     assert params["embedding"].shape[0] == 257  # the vocabulary of the pack's tokenizer, end of document included
-    with checkpoint.CheckpointManager(str(tmp_path / "run" / "checkpoints"), async_save=False) as manager:
-        position = manager.extra(8)["data"]  # the Grain loader's, for resume (tests/data/test_records.py)
+    with checkpoint.CheckpointManager(str(root / "run" / "checkpoints"), async_save=False) as manager:
+        position = manager.extra(4)["data"]  # the Grain loader's, for resume (tests/data/test_records.py)
     assert position["batch_size"] == 8 and "grain" in position
     with pytest.raises(ValueError, match=r"gpt: --seq_len 64 does not match the pack in .*, whose rows of 33 ids "
                                          r"train 32 positions"):
         gpt.main([*flags, "--seq_len=64"])
+
+
+@pytest.mark.slow
+def test_generates_with_the_packs_tokenizer_and_refuses_a_larger_one(packed_run, tmp_path):
+    from lepton_jax import data
+
+    root, corpus, flags, _ = packed_run
+    text = gpt.main([*flags, "--generate=def ", "--max_new_tokens=8"])  # encoded and decoded by the pack's tokenizer
+    assert text.startswith("def ")
+    tokenizer = data.train_bpe(data.corpus_files(corpus), 300, str(tmp_path / "tokenizer.json"))
+    bpe = tmp_path / "bpe"
+    data.pack_corpus(data.corpus_files(corpus), str(tmp_path / "tokenizer.json"), 33, str(bpe), progress=False)
+    with pytest.raises(ValueError, match=rf"gpt: the tokenizer of {bpe} has {tokenizer.vocab_size} ids but the model "
+                                         r"in .* has a vocabulary of 257"):
+        gpt.main([flags[0], f"--data={bpe}", *flags[2:], "--generate=def "])
