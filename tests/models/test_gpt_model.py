@@ -86,15 +86,16 @@ def test_segment_ids_keep_packed_documents_apart():
     model = models.GPT(models.GPTConfig(vocab_size=257, max_len=16, num_layers=2, num_heads=2, d_model=32, d_ff=64,
                                         positions="rotary", attention_implementation="xla"))
     tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, 257)
-    variables = model.init(jax.random.key(1), tokens)
+    variables = jax.jit(model.init)(jax.random.key(1), tokens)
+    apply = jax.jit(model.apply)  # one compiled program per shape, not op-by-op dispatch
     segments = jnp.array([[1] * 5 + [2] * 7, [1] * 12])
-    packed = model.apply(variables, tokens, segment_ids=segments)
+    packed = apply(variables, tokens, segment_ids=segments)
     # The first document is unaffected by the second; one segment is the plain causal model.
-    np.testing.assert_allclose(packed[0, :5], model.apply(variables, tokens[:1, :5])[0], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(packed[1], model.apply(variables, tokens)[1], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(packed[0, :5], apply(variables, tokens[:1, :5])[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(packed[1], apply(variables, tokens)[1], rtol=1e-6, atol=1e-6)
     # Without segment ids the second document sees the first.
-    assert not np.allclose(model.apply(variables, tokens)[0, 5:], packed[0, 5:], atol=1e-4)
+    assert not np.allclose(apply(variables, tokens)[0, 5:], packed[0, 5:], atol=1e-4)
     # With rotary positions attention is relative: the second document alone gives the same logits.
-    np.testing.assert_allclose(packed[0, 5:], model.apply(variables, tokens[:1, 5:])[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(packed[0, 5:], apply(variables, tokens[:1, 5:])[0], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match=r"GPT: segment_ids must have the tokens' shape \(2, 12\)"):
         model.apply(variables, tokens, segment_ids=segments[:, :4])
