@@ -123,6 +123,9 @@ def train_run(run: RunConfig, extra_hooks: Sequence[train.Hook] = ()) -> dict:
         batches = data.GrainLoader(data.ArrayRecords(os.path.join(run.data, "train")), batch_size=run.batch_size,
                                    seed=run.seed, transforms=[data.lm_example])
         val_rows = data.ArrayRecords(os.path.join(run.data, "val"))
+        if not len(val_rows):
+            raise ValueError(f"gpt: the pack in {run.data} has no validation rows; pack it with --val-fraction > 0 "
+                             "from two or more documents")
         examples = [data.lm_example(val_rows[i]) for i in range(min(len(val_rows), run.eval_windows))]
         val = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
         model_inputs = ("segment_ids",)

@@ -8,7 +8,8 @@ inside a document and the loss can skip the padding. A hash of each file's
 name puts it in the validation split (at least one document when there are
 two or more). The same corpus gives the same files.
 
-The packed rows are built in memory (4 bytes a token), then written.
+Rows stream to the shards as they fill (row ``k`` to shard ``k % shards``):
+memory holds one document and less than a row, whatever the corpus's size.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lepton_jax.data.records import write_array_records
+from lepton_jax.data.records import RecordWriter
 from lepton_jax.data.tokenizers import load_tokenizer
 
 PACK_FORMAT = "lepton_jax.packed_text"
@@ -56,26 +57,58 @@ def _tokenize(path: str) -> tuple[str, np.ndarray | None, int]:
     return kind, _worker_tokenizer.encode(text), len(text.encode("utf-8"))
 
 
+class RowPacker:
+    """Documents in, rows out: ``add(ids)`` appends a document and its
+    end-of-document id and returns the rows it completed, ``finish()`` the
+    last one padded; each row is ``(inputs [seq_len], segment_ids [seq_len])``.
+    Holds less than one row between documents, so a corpus streams through it."""
+
+    def __init__(self, eod_id: int, seq_len: int) -> None:
+        self.eod_id, self.seq_len = int(eod_id), int(seq_len)
+        self._ids, self._owner = np.zeros(0, np.int32), np.zeros(0, np.int64)
+        self.documents = 0
+        self.padding = 0
+
+    def _rows(self, ids: np.ndarray, owner: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        ids, owner = ids.reshape(-1, self.seq_len), owner.reshape(-1, self.seq_len)
+        starts = np.concatenate([np.ones((len(owner), 1), bool), owner[:, 1:] != owner[:, :-1]], axis=1)
+        segments = np.where(owner > 0, np.cumsum(starts, axis=1), 0).astype(np.int32)
+        return list(zip(ids, segments))
+
+    def add(self, document: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        self.documents += 1
+        document = np.asarray(document, np.int32)
+        ids = np.concatenate([self._ids, document, np.array([self.eod_id], np.int32)])
+        owner = np.concatenate([self._owner, np.full(len(document) + 1, self.documents, np.int64)])
+        full = len(ids) // self.seq_len * self.seq_len
+        self._ids, self._owner = ids[full:], owner[full:]
+        return self._rows(ids[:full], owner[:full])
+
+    def finish(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        if not len(self._ids):
+            return []
+        pad = self.seq_len - len(self._ids)
+        self.padding += pad
+        ids = np.concatenate([self._ids, np.full(pad, self.eod_id, np.int32)])
+        owner = np.concatenate([self._owner, np.zeros(pad, np.int64)])
+        self._ids, self._owner = np.zeros(0, np.int32), np.zeros(0, np.int64)
+        return self._rows(ids, owner)
+
+
 def pack_rows(documents: Sequence[np.ndarray], eod_id: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Documents (id arrays) end to end, each followed by ``eod_id``, cut into
     rows: ``inputs [R, seq_len]`` and ``segment_ids [R, seq_len]`` (documents
     numbered from 1 in each row; 0 pads the last row, whose ids are ``eod_id``)."""
-    if not documents:
+    packer = RowPacker(eod_id, seq_len)
+    rows = [row for document in documents for row in packer.add(document)] + packer.finish()
+    if not rows:
         return np.zeros((0, seq_len), np.int32), np.zeros((0, seq_len), np.int32)
-    stream = np.concatenate([np.append(np.asarray(d, np.int32), np.int32(eod_id)) for d in documents])
-    owner = np.concatenate([np.full(len(d) + 1, k + 1, np.int64) for k, d in enumerate(documents)])
-    rows = -(-len(stream) // seq_len)
-    padding = rows * seq_len - len(stream)
-    inputs = np.concatenate([stream, np.full(padding, eod_id, np.int32)]).reshape(rows, seq_len)
-    owner = np.concatenate([owner, np.zeros(padding, np.int64)]).reshape(rows, seq_len)
-    starts = np.concatenate([np.ones((rows, 1), bool), owner[:, 1:] != owner[:, :-1]], axis=1)
-    segments = np.where(owner > 0, np.cumsum(starts, axis=1), 0).astype(np.int32)
-    return inputs, segments
+    return np.stack([r for r, _ in rows]), np.stack([s for _, s in rows])
 
 
-def _is_validation(path: str, root: str) -> float:
-    name = os.path.relpath(path, root) if root else path
-    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2 ** 64
+def _hash(path: str, root: str) -> bytes:
+    name = os.path.relpath(path, root) if root else os.path.basename(path)
+    return hashlib.sha256(name.encode("utf-8")).digest()
 
 
 def pack_corpus(files: Sequence[str], tokenizer: str, seq_len: int, out_dir: str, *, shards: int = 1,
@@ -84,8 +117,12 @@ def pack_corpus(files: Sequence[str], tokenizer: str, seq_len: int, out_dir: str
     ``out_dir/val`` ArrayRecord folders (``inputs``, ``segment_ids``) and
     writes ``out_dir/metadata.json``; returns the metadata.
 
-    Empty files and binary ones (a NUL byte, or not UTF-8) are skipped and
-    counted in ``metadata["skipped"]``.
+    Files are read in the order of a hash of their names (relative to the
+    corpus's common folder); the first ``round(len(files) * val_fraction)``
+    documents (at least one when there are two or more) go to the validation
+    split. Rows stream to the shards as they fill, so memory holds one
+    document and less than a row. Empty files and binary ones (a NUL byte,
+    or not UTF-8) are skipped and counted in ``metadata["skipped"]``.
     """
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"pack: --seq-len must be an int >= 2, got {seq_len!r}")
@@ -93,12 +130,28 @@ def pack_corpus(files: Sequence[str], tokenizer: str, seq_len: int, out_dir: str
         raise ValueError(f"pack: --val-fraction must be in [0, 1), got {val_fraction}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"pack: --workers must be a positive int, got {workers!r}")
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise ValueError(f"pack: --shards must be a positive int, got {shards!r}")
     tok = load_tokenizer(tokenizer)
-    files = list(files)
+    root = os.path.commonpath([os.path.abspath(f) for f in files]) if len(files) > 1 else ""
+    files = sorted(files, key=lambda f: _hash(os.path.abspath(f), root))
+    quota = 0 if val_fraction == 0 else max(1, round(len(files) * val_fraction))
+    for name in ("train", "val"):
+        shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+    os.makedirs(out_dir, exist_ok=True)
+    packers = {name: RowPacker(tok.eod_id, seq_len) for name in ("train", "val")}
+    writers = {name: RecordWriter(os.path.join(out_dir, name), shards=shards) for name in ("train", "val")}
+    tokens = {"train": 0, "val": 0}
+
+    def route(split: str, ids: np.ndarray) -> None:
+        tokens[split] += len(ids)
+        for row, segments in packers[split].add(ids):
+            writers[split].write({"inputs": row, "segment_ids": segments})
+
     if workers > 1:
         context = multiprocessing.get_context("spawn")
         pool = context.Pool(workers, initializer=_init_worker, initargs=(os.fspath(tokenizer),))
-        results = pool.imap(_tokenize, files, chunksize=max(1, len(files) // (workers * 8)))
+        results = pool.imap(_tokenize, files, chunksize=max(1, min(64, len(files) // (workers * 8))))
     else:
         pool = None
         _init_worker(os.fspath(tokenizer))
@@ -107,51 +160,45 @@ def pack_corpus(files: Sequence[str], tokenizer: str, seq_len: int, out_dir: str
         from tqdm.auto import tqdm
 
         results = tqdm(results, total=len(files), desc="tokenizing", unit="file")
-    documents, skipped, text_bytes = [], {"empty": [], "binary": []}, 0
+    skipped, text_bytes, pending = {"empty": [], "binary": []}, 0, None
     try:
         for path, (kind, ids, size) in zip(files, results):
-            if ids is None:
-                skipped[kind].append(path)
-            elif len(ids):
-                documents.append((path, ids))
-                text_bytes += size
+            if ids is None or not len(ids):
+                skipped[kind if ids is None else "empty"].append(path)
+                continue
+            text_bytes += size
+            # One document waits, so the last can go to training when nothing else would.
+            if pending is not None:
+                route("val" if packers["val"].documents < quota else "train", pending)
+            pending = ids
     finally:
         if pool is not None:
             pool.close()
             pool.join()
-    if not documents:
+    if pending is None:
+        for writer in writers.values():
+            writer.close()
         raise ValueError(f"pack: no document to pack: {len(files)} files, {len(skipped['empty'])} empty, "
                          f"{len(skipped['binary'])} binary")
-    root = os.path.commonpath([p for p, _ in documents]) if len(documents) > 1 else ""
-    ranked = sorted(range(len(documents)), key=lambda i: _is_validation(documents[i][0], root))
-    n_val = 0 if len(documents) < 2 or val_fraction == 0 else max(1, round(len(documents) * val_fraction))
-    val_set = set(ranked[:n_val])
-    splits = {"train": [d for i, (_, d) in enumerate(documents) if i not in val_set],
-              "val": [d for i, (_, d) in enumerate(documents) if i in val_set]}
-    if os.path.isdir(out_dir):
-        for name in ("train", "val"):
-            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
-    os.makedirs(out_dir, exist_ok=True)
-    split_meta, total_rows, padding = {}, 0, 0
-    for name, docs in splits.items():
-        inputs, segments = pack_rows(docs, tok.eod_id, seq_len)
-        split_meta[name] = {"documents": len(docs), "rows": int(len(inputs)),
-                            "tokens": int(sum(len(d) for d in docs))}
-        if len(inputs):
-            write_array_records({"inputs": inputs, "segment_ids": segments}, os.path.join(out_dir, name),
-                                shards=min(shards, len(inputs)))
-        total_rows += len(inputs)
-        padding += int(np.sum(segments == 0))
+    route("train" if packers["train"].documents == 0 or packers["val"].documents >= quota else "val", pending)
+    split_meta, padding = {}, 0
+    for name in ("train", "val"):
+        for row, segments in packers[name].finish():
+            writers[name].write({"inputs": row, "segment_ids": segments})
+        writers[name].close()
+        padding += packers[name].padding
+        split_meta[name] = {"documents": packers[name].documents, "rows": writers[name].records,
+                            "tokens": tokens[name]}
+    total_rows = sum(s["rows"] for s in split_meta.values())
     tokenizer_name = "bytes"
-    if not isinstance(tokenizer, str) or tokenizer != "bytes":
+    if os.fspath(tokenizer) != "bytes":
         shutil.copyfile(os.fspath(tokenizer), os.path.join(out_dir, "tokenizer.json"))
         tokenizer_name = "tokenizer.json"
     metadata = {
-        "format": PACK_FORMAT, "version": 1, "tokenizer": tokenizer_name, "vocab_size": tok.vocab_size,
-        "eod_id": tok.eod_id, "seq_len": seq_len, "documents": len(documents),
-        "tokens": int(sum(s["tokens"] for s in split_meta.values())), "rows": total_rows,
-        "padding_fraction": padding / (total_rows * seq_len), "shards": shards, "text_bytes": text_bytes,
-        "splits": split_meta,
+        "format": PACK_FORMAT, "version": 2, "tokenizer": tokenizer_name, "vocab_size": tok.vocab_size,
+        "eod_id": tok.eod_id, "seq_len": seq_len, "documents": sum(s["documents"] for s in split_meta.values()),
+        "tokens": tokens["train"] + tokens["val"], "rows": total_rows, "padding_fraction": padding / (total_rows * seq_len),
+        "shards": shards, "text_bytes": text_bytes, "splits": split_meta,
         "skipped": {k: {"count": len(v), "files": [os.path.basename(p) for p in v[:20]]} for k, v in skipped.items()},
     }
     with open(os.path.join(out_dir, "metadata.json"), "w", encoding="utf-8") as f:
@@ -193,4 +240,4 @@ def pack_tokenizer(directory: str) -> Any:
     return load_tokenizer("bytes" if name == "bytes" else os.path.join(directory, name))
 
 
-__all__ = ["PACK_FORMAT", "is_pack", "lm_example", "pack_corpus", "pack_rows", "pack_tokenizer", "read_pack"]
+__all__ = ["PACK_FORMAT", "RowPacker", "is_pack", "lm_example", "pack_corpus", "pack_rows", "pack_tokenizer", "read_pack"]

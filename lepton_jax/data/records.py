@@ -67,6 +67,57 @@ def write_array_records(arrays: Mapping[str, np.ndarray], out_dir: str | os.Path
     return metadata
 
 
+class RecordWriter:
+    """Writes records (``{name: array}``) one at a time into ``shards``
+    ArrayRecord files, record ``k`` to shard ``k % shards``, so a dataset
+    larger than memory streams to disk; ``close()`` writes ``metadata.json``.
+    ``ArrayRecords`` reads record ``k`` back as ``k``. Use as a context manager."""
+
+    def __init__(self, out_dir: str | os.PathLike, *, shards: int = 1) -> None:
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+            raise ValueError(f"RecordWriter: shards must be a positive int, got {shards!r}")
+        self.out_dir = os.fspath(out_dir)
+        os.makedirs(self.out_dir, exist_ok=True)
+        self.names = [_shard_name(j, shards) for j in range(shards)]
+        self._writers = [ArrayRecordWriter(os.path.join(self.out_dir, n), "group_size:1") for n in self.names]
+        self.counts = [0] * shards
+        self.records = 0
+        self.features: dict[str, dict[str, Any]] | None = None
+
+    def write(self, record: Mapping[str, np.ndarray]) -> None:
+        record = {str(k): np.asarray(v) for k, v in record.items()}
+        features = {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in record.items()}
+        if self.features is None:
+            self.features = features
+        elif features != self.features:
+            raise ValueError(f"RecordWriter: record {self.records} has features {features}, the first had "
+                             f"{self.features}")
+        shard = self.records % len(self._writers)
+        self._writers[shard].write(serialization.msgpack_serialize(record))
+        self.counts[shard] += 1
+        self.records += 1
+
+    def close(self, extra_metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        for writer in self._writers:
+            writer.close()
+        metadata = {"format": FORMAT, "version": 1, "records": self.records, "shards": self.names,
+                    "shard_records": self.counts, "order": "round_robin", "features": self.features or {},
+                    **dict(extra_metadata or {})}
+        with open(os.path.join(self.out_dir, METADATA), "w", encoding="utf-8") as f:
+            json.dump(metadata, f, indent=2, sort_keys=True)
+        return metadata
+
+    def __enter__(self) -> "RecordWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._writers and exc[0] is not None:
+            for writer in self._writers:
+                writer.close()
+
+
 def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     """``metadata.json`` of a records folder, checked."""
     path = os.path.join(os.fspath(directory), METADATA)
@@ -110,11 +161,21 @@ class ArrayRecords:
     def __len__(self) -> int:
         return int(self.metadata["records"])
 
+    def _position(self, index: int) -> tuple[int, int]:
+        """(shard, the record's index in the shards' concatenation)."""
+        if self.metadata.get("order") == "round_robin":  # RecordWriter: record k in shard k % S
+            shard = index % len(self.paths)
+            return shard, int(self._starts[shard]) + index // len(self.paths)
+        return int(np.searchsorted(self._starts, index, side="right") - 1), index
+
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"ArrayRecords: index {index} is outside [0, {len(self)})")
+        shard, position = self._position(index)
         try:
-            return serialization.msgpack_restore(self._open()[index])
+            return serialization.msgpack_restore(self._open()[position])
         except (ValueError, RuntimeError, OSError) as error:
-            shard = int(np.searchsorted(self._starts, index, side="right") - 1)
             raise ValueError(f"ArrayRecords: record {index} in shard {shard} ({self.paths[shard]}) cannot be "
                              f"read: {error}") from error
 
@@ -226,4 +287,4 @@ class GrainLoader:
         self._iterator.set_state(state["grain"])
 
 
-__all__ = ["ArrayRecords", "GrainLoader", "InMemoryRecords", "read_metadata", "write_array_records"]
+__all__ = ["ArrayRecords", "GrainLoader", "InMemoryRecords", "RecordWriter", "read_metadata", "write_array_records"]

@@ -166,3 +166,20 @@ def test_resume_after_sigkill_sees_the_same_batches_and_losses(shards, tmp_path,
     assert start in (5, 9)  # the latest complete checkpoint before the kill (step 8, or 4 if 8 was unfinished)
     assert [r["step"] for r in after] == list(range(start, 17))
     assert after == uninterrupted[start - 1:]  # the same record ids and the same losses, step by step
+
+
+def test_record_writer_streams_round_robin_and_reads_back_in_order(tmp_path):
+    with data.RecordWriter(tmp_path / "w", shards=3) as writer:
+        for i in range(7):
+            writer.write({"x": np.full(2, i, np.int32), "id": np.int64(i)})
+        metadata = writer.close()
+    assert metadata["shard_records"] == [3, 2, 2] and metadata["records"] == 7
+    source = data.ArrayRecords(tmp_path / "w")
+    assert [int(source[i]["id"]) for i in range(7)] == list(range(7))
+    np.testing.assert_array_equal(source[5]["x"], [5, 5])
+    with pytest.raises(IndexError, match=r"ArrayRecords: index 7 is outside \[0, 7\)"):
+        source[7]
+    with pytest.raises(ValueError, match=r"RecordWriter: record 1 has features .*'shape': \[3\].*, the first had"):
+        with data.RecordWriter(tmp_path / "bad") as writer:
+            writer.write({"x": np.zeros(2)})
+            writer.write({"x": np.zeros(3)})
