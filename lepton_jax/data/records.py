@@ -88,10 +88,12 @@ class RecordWriter:
 
     def write(self, record: Mapping[str, np.ndarray]) -> None:
         record = {str(k): np.asarray(v) for k, v in record.items()}
-        features = {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in record.items()}
+        signature = tuple((k, v.dtype, v.shape) for k, v in record.items())
         if self.features is None:
-            self.features = features
-        elif features != self.features:
+            self._signature = signature
+            self.features = {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in record.items()}
+        elif signature != self._signature:
+            features = {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in record.items()}
             raise ValueError(f"RecordWriter: record {self.records} has features {features}, the first had "
                              f"{self.features}")
         shard = self.records % len(self._writers)
