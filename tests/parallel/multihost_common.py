@@ -14,3 +14,5 @@ def make_problem():
                "label": rng.integers(0, 5, 64).astype(np.int32)}
     model = models.MLPClassifier(num_classes=5, hidden=(16,), dropout_rate=0.0)
     return model, optax.adam(1e-2), train.classification_loss(), dataset, 16
+
+GRAIN_RECORDS = 64  # records of the Grain loader check (8 global batches of 8)

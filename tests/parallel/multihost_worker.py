@@ -1,7 +1,7 @@
 """One process of the two-process test (run by test_multihost.py, not by pytest).
 
 argv: coordinator port, process id[, checkpoint dir]. Prints ``LOSSES <json>``
-on success; with a checkpoint dir both processes save the sharded state,
+and ``GRAIN <json>`` (the record ids of its Grain batches) on success; with a checkpoint dir both processes save the sharded state,
 restore it and print ``RESTORED <bool>`` (exact match of their shards).
 """
 
@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 from lepton_jax import checkpoint, data, parallel  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from multihost_common import STEPS, make_problem  # noqa: E402
+from multihost_common import GRAIN_RECORDS, STEPS, make_problem  # noqa: E402
 
 
 def main() -> None:
@@ -40,6 +40,10 @@ def main() -> None:
         state, metrics = step(state, parallel.global_batch(batch, mesh, "data"))
         losses.append(float(metrics["loss"].addressable_data(0)))
     print("LOSSES " + json.dumps(losses), flush=True)
+    # The Grain loader under jax.distributed: this process's part of every global batch.
+    loader = data.GrainLoader(data.InMemoryRecords({"id": np.arange(GRAIN_RECORDS)}), batch_size=8, seed=1,
+                              num_epochs=1)
+    print("GRAIN " + json.dumps([b["id"].tolist() for b in loader]), flush=True)
     if len(sys.argv) > 3:
         with checkpoint.CheckpointManager(sys.argv[3]) as manager:
             manager.save(STEPS, state, extra={"writer": "two processes"})

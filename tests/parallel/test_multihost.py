@@ -17,7 +17,7 @@ import pytest
 from lepton_jax import checkpoint, data, train
 
 sys.path.insert(0, os.path.dirname(__file__))
-from multihost_common import STEPS, make_problem  # noqa: E402
+from multihost_common import GRAIN_RECORDS, STEPS, make_problem  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +48,15 @@ def test_two_processes_train_like_one_and_share_a_checkpoint(tmp_path, subproces
     losses = [json.loads(next(line for line in out.splitlines() if line.startswith("LOSSES "))[7:])
               for out in outputs]
     assert losses[0] == losses[1]  # both processes see the same replicated loss
+
+    # GrainLoader: each process read its half of every global batch; together, the one-process batches.
+    grain = [json.loads(next(line for line in out.splitlines() if line.startswith("GRAIN "))[6:]) for out in outputs]
+    single = [b["id"].tolist() for b in data.GrainLoader(data.InMemoryRecords({"id": np.arange(GRAIN_RECORDS)}),
+                                                           batch_size=8, seed=1, num_epochs=1)]
+    assert len(grain[0]) == len(grain[1]) == len(single) == GRAIN_RECORDS // 8
+    for first, second, whole in zip(*grain, single):
+        assert len(first) == len(second) == 4 and not set(first) & set(second)
+        assert sorted(first + second) == sorted(whole)
 
     model, tx, loss_fn, dataset, batch_size = make_problem()
     batches = data.BatchIterator(dataset, batch_size, seed=0)
