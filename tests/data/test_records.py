@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -128,7 +129,7 @@ _TRAIN = textwrap.dedent("""
     tx = optim.adam(1e-2)
     state = train.create_train_state(model, tx, np.zeros((1, 8, 8, 1), np.float32))
     step = train.make_train_step(model, tx, train.classification_loss(), input_key="image")
-    log = open(os.path.join(out, "log.jsonl"), "a")
+    log = open(os.path.join(out, "log.jsonl"), "a", buffering=1)
 
     def logged(state, batch):
         new_state, metrics = step(state, batch)
@@ -144,7 +145,7 @@ _TRAIN = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_sees_the_same_batches_and_losses(shards, tmp_path, subprocess_env):
+def test_resume_after_sigkill_sees_the_same_batches_and_losses(shards, tmp_path, subprocess_env, monkeypatch):
     script = tmp_path / "train.py"
     script.write_text(_TRAIN)
 
@@ -155,8 +156,14 @@ def test_resume_after_sigkill_sees_the_same_batches_and_losses(shards, tmp_path,
         with open(out / "log.jsonl") as f:
             return done.returncode, [json.loads(line) for line in f]
 
-    code, uninterrupted = run(tmp_path / "plain", 0, "0")
-    assert code == 0 and [r["step"] for r in uninterrupted] == list(range(1, 17))
+    # The uninterrupted run, in this process (the same program and compile flags as the subprocesses).
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    monkeypatch.setattr(sys, "argv", [str(script), shards, str(plain), "16", "0", "0"])
+    runpy.run_path(str(script), run_name="__main__")
+    with open(plain / "log.jsonl") as f:
+        uninterrupted = [json.loads(line) for line in f]
+    assert [r["step"] for r in uninterrupted] == list(range(1, 17))
     code, killed = run(tmp_path / "killed", 10, "0")
     assert code == -signal.SIGKILL and killed[-1]["step"] == 10
     code, resumed = run(tmp_path / "killed", 0, "1")
