@@ -134,6 +134,13 @@ def make_tx(config: DigitsConfig, total_steps: int, inject: Sequence[str] = ()):
     ), inject=inject)
 
 
+def make_batches(config: DigitsConfig, train_split: dict):
+    """The shuffled training batches of ``config.loader``: in memory, or through the Grain loader."""
+    if config.loader == "grain":
+        return data.GrainLoader(data.InMemoryRecords(train_split), batch_size=config.batch_size, seed=config.seed)
+    return data.BatchIterator(train_split, config.batch_size, shuffle=True, seed=config.seed)
+
+
 def make_augment(config: DigitsConfig):
     """Random translation by up to ``max_shift`` pixels, or None."""
     if config.max_shift <= 0:
@@ -148,10 +155,7 @@ def run(config: DigitsConfig, extra_hooks: Sequence[train.Hook] = ()) -> dict:
     config = resolve(config)
     os.makedirs(config.out, exist_ok=True)
     train_split, val_split, test_split, normalizer = load_splits(config.seed)
-    if config.loader == "grain":
-        batches = data.GrainLoader(data.InMemoryRecords(train_split), batch_size=config.batch_size, seed=config.seed)
-    else:
-        batches = data.BatchIterator(train_split, config.batch_size, shuffle=True, seed=config.seed)
+    batches = make_batches(config, train_split)
     total_steps = config.epochs * batches.steps_per_epoch
 
     model = build_model(config.model, config.hidden)
@@ -248,9 +252,7 @@ def run_population(configs: Sequence[DigitsConfig],
     if base.teacher:
         raise ValueError("digits: distillation (--teacher) trains one config at a time, not as a population")
     splits = {seed: load_splits(seed) for seed in sorted({c.seed for c in configs})}
-    iterators = [data.GrainLoader(data.InMemoryRecords(splits[c.seed][0]), batch_size=c.batch_size, seed=c.seed)
-                 if c.loader == "grain" else
-                 data.BatchIterator(splits[c.seed][0], c.batch_size, shuffle=True, seed=c.seed) for c in configs]
+    iterators = [make_batches(c, splits[c.seed][0]) for c in configs]
     total_steps = base.epochs * iterators[0].steps_per_epoch
     eval_every = base.eval_every_epochs * iterators[0].steps_per_epoch
     model = build_model(base.model, base.hidden)

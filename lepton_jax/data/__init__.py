@@ -14,8 +14,10 @@ from lepton_jax.data.tokenizers import ByteTokenizer, HFTokenizer, corpus_files,
 from lepton_jax.data.text import TokenWindows, default_corpus_files, eval_windows, load_bytes, split_tokens
 
 __all__ = [
-    "ArrayRecords", "BatchIterator", "ByteTokenizer", "GrainLoader", "HFTokenizer", "corpus_files", "load_tokenizer",
-    "RecordWriter", "RowPacker", "is_pack", "lm_example", "pack_corpus", "pack_rows", "pack_tokenizer", "read_pack", "train_bpe", "InMemoryRecords", "read_metadata", "write_array_records", "CLASS_NAMES", "Normalizer", "augment_images", "iterate_once", "load_digits", "mix_inputs",
-    "TokenWindows", "default_corpus_files", "eval_windows", "load_bytes", "num_examples", "random_crop",
-    "random_flip", "random_translate", "split", "split_tokens",
+    "ArrayRecords", "augment_images", "BatchIterator", "ByteTokenizer", "CLASS_NAMES", "corpus_files",
+    "default_corpus_files", "eval_windows", "GrainLoader", "HFTokenizer", "InMemoryRecords", "is_pack",
+    "iterate_once", "lm_example", "load_bytes", "load_digits", "load_tokenizer", "mix_inputs", "Normalizer",
+    "num_examples", "pack_corpus", "pack_rows", "pack_tokenizer", "random_crop", "random_flip", "random_translate",
+    "read_metadata", "read_pack", "RecordWriter", "RowPacker", "split", "split_tokens", "TokenWindows", "train_bpe",
+    "write_array_records",
 ]

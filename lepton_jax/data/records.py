@@ -35,8 +35,6 @@ def write_array_records(arrays: Mapping[str, np.ndarray], out_dir: str | os.Path
     ``shards`` ArrayRecord files under ``out_dir`` and returns the metadata
     also written to ``out_dir/metadata.json``. Example ``i`` is record ``i``
     (shard ``j`` holds a contiguous range); the same arrays give the same files."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     if not arrays:
         raise ValueError("write_array_records: arrays is empty; expected {name: array}")
     arrays = {str(k): np.asarray(v) for k, v in arrays.items()}
@@ -46,34 +44,21 @@ def write_array_records(arrays: Mapping[str, np.ndarray], out_dir: str | os.Path
         raise ValueError(f"write_array_records: every array needs the same number of rows (> 0), got {lengths}")
     if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= count:
         raise ValueError(f"write_array_records: shards must be an int in [1, {count}], got {shards!r}")
-    os.makedirs(out_dir, exist_ok=True)
-    bounds = np.linspace(0, count, shards + 1).astype(int)
-    names = [_shard_name(j, shards) for j in range(shards)]
-    for j, name in enumerate(names):
-        writer = ArrayRecordWriter(os.path.join(os.fspath(out_dir), name), "group_size:1")
-        try:
-            for i in range(bounds[j], bounds[j + 1]):
-                writer.write(serialization.msgpack_serialize({k: v[i] for k, v in arrays.items()}))
-        finally:
-            writer.close()
-    metadata = {
-        "format": FORMAT, "version": 1, "records": int(count), "shards": names,
-        "shard_records": [int(b - a) for a, b in zip(bounds[:-1], bounds[1:])],
-        "features": {k: {"dtype": str(v.dtype), "shape": list(v.shape[1:])} for k, v in arrays.items()},
-        **dict(extra_metadata or {}),
-    }
-    with open(os.path.join(os.fspath(out_dir), METADATA), "w", encoding="utf-8") as f:
-        json.dump(metadata, f, indent=2, sort_keys=True)
-    return metadata
+    with RecordWriter(out_dir, shards=shards, records=count) as writer:
+        for i in range(count):
+            writer.write({k: v[i] for k, v in arrays.items()})
+        return writer.close(extra_metadata)
 
 
 class RecordWriter:
     """Writes records (``{name: array}``) one at a time into ``shards``
-    ArrayRecord files, record ``k`` to shard ``k % shards``, so a dataset
-    larger than memory streams to disk; ``close()`` writes ``metadata.json``.
-    ``ArrayRecords`` reads record ``k`` back as ``k``. Use as a context manager."""
+    ArrayRecord files: record ``k`` to shard ``k % shards``, so a dataset
+    larger than memory streams to disk, or, given the number of ``records``
+    ahead, shard ``j`` a contiguous range. ``close()`` writes
+    ``metadata.json``; ``ArrayRecords`` reads record ``k`` back as ``k``
+    either way. Use as a context manager."""
 
-    def __init__(self, out_dir: str | os.PathLike, *, shards: int = 1) -> None:
+    def __init__(self, out_dir: str | os.PathLike, *, shards: int = 1, records: int | None = None) -> None:
         from array_record.python.array_record_module import ArrayRecordWriter
 
         if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
@@ -82,12 +67,15 @@ class RecordWriter:
         os.makedirs(self.out_dir, exist_ok=True)
         self.names = [_shard_name(j, shards) for j in range(shards)]
         self._writers = [ArrayRecordWriter(os.path.join(self.out_dir, n), "group_size:1") for n in self.names]
+        # Contiguous: shard j holds records [bounds[j], bounds[j + 1]).
+        self._bounds = None if records is None else np.linspace(0, records, shards + 1).astype(int)
         self.counts = [0] * shards
         self.records = 0
         self.features: dict[str, dict[str, Any]] | None = None
 
     def write(self, record: Mapping[str, np.ndarray]) -> None:
-        record = {str(k): np.asarray(v) for k, v in record.items()}
+        # numpy scalars stay scalars (msgpack stores them as such); anything else becomes an array
+        record = {str(k): v if isinstance(v, (np.ndarray, np.generic)) else np.asarray(v) for k, v in record.items()}
         signature = tuple((k, v.dtype, v.shape) for k, v in record.items())
         if self.features is None:
             self._signature = signature
@@ -96,7 +84,10 @@ class RecordWriter:
             features = {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in record.items()}
             raise ValueError(f"RecordWriter: record {self.records} has features {features}, the first had "
                              f"{self.features}")
-        shard = self.records % len(self._writers)
+        if self._bounds is None:
+            shard = self.records % len(self._writers)
+        else:
+            shard = int(np.searchsorted(self._bounds, self.records, side="right")) - 1
         self._writers[shard].write(serialization.msgpack_serialize(record))
         self.counts[shard] += 1
         self.records += 1
@@ -105,8 +96,8 @@ class RecordWriter:
         for writer in self._writers:
             writer.close()
         metadata = {"format": FORMAT, "version": 1, "records": self.records, "shards": self.names,
-                    "shard_records": self.counts, "order": "round_robin", "features": self.features or {},
-                    **dict(extra_metadata or {})}
+                    "shard_records": self.counts, "order": "round_robin" if self._bounds is None else "contiguous",
+                    "features": self.features or {}, **dict(extra_metadata or {})}
         with open(os.path.join(self.out_dir, METADATA), "w", encoding="utf-8") as f:
             json.dump(metadata, f, indent=2, sort_keys=True)
         return metadata
@@ -115,7 +106,7 @@ class RecordWriter:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._writers and exc[0] is not None:
+        if exc[0] is not None:
             for writer in self._writers:
                 writer.close()
 

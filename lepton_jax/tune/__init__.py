@@ -9,6 +9,7 @@ from lepton_jax.tune.study import (
 )
 
 __all__ = [
-    "DIRECTIONS", "PRUNERS", "PruningHook", "RecipeObjective", "SAMPLERS", "apply_params", "best_trials", "grid", "make_pruner",
-    "make_sampler", "make_storage", "metric_value", "parse_distribution", "parse_space", "run", "sqlite_url", "suggest",
+    "apply_params", "best_trials", "DIRECTIONS", "grid", "make_pruner", "make_sampler", "make_storage",
+    "metric_value", "parse_distribution", "parse_space", "PRUNERS", "PruningHook", "RecipeObjective", "run",
+    "SAMPLERS", "sqlite_url", "suggest",
 ]

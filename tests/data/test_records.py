@@ -102,6 +102,12 @@ def test_bad_input_names_the_problem(shards, tmp_path):
     np.testing.assert_array_equal(source[33]["id"], 33)  # the rest of the shard still reads
     with pytest.raises(ValueError, match="GrainLoader: the source has 96 records, fewer than one batch of 128"):
         data.GrainLoader(data.ArrayRecords(shards), batch_size=128)
+    with pytest.raises(ValueError, match="GrainLoader: num_epochs must be a positive int or None, got 0"):
+        data.GrainLoader(data.ArrayRecords(shards), batch_size=16, num_epochs=0)
+    with pytest.raises(ValueError, match="GrainLoader: worker_count must be an int >= 0, got -1"):
+        data.GrainLoader(data.ArrayRecords(shards), batch_size=16, worker_count=-1)
+    with pytest.raises(ValueError, match="RecordWriter: shards must be a positive int, got 0"):
+        data.RecordWriter(tmp_path / "w0", shards=0)
     loader = data.GrainLoader(data.ArrayRecords(shards), batch_size=16, seed=1)
     with pytest.raises(ValueError, match=r"GrainLoader.set_state: the state was saved with seed=1, this loader "
                                          r"has seed=2"):
