@@ -5,6 +5,7 @@
     lepton-jax train --list               # the recipes installed
     lepton-jax train digits --config runs/tune/digits/best.json  # a config file (e.g. tune's best)
     lepton-jax data pack --corpus "texts/*.txt" --seq-len 1024 --out packed  # tokenize and pack a corpus
+    lepton-jax convert --from-hf hf/llama --out ckpt/llama  # Hugging Face checkpoints in (and --to-hf out)
     lepton-jax tune digits --model=mlp --space "learning_rate=loguniform(1e-4,1e-1)" --metric accuracy
     lepton-jax ckpt ls runs/x/checkpoints # list, inspect, diff, convert, verify checkpoints
     lepton-jax export --recipe digits --ckpt runs/digits --out models/digits  # a versioned model directory
@@ -107,6 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = commands.add_parser("data", add_help=False, help="train tokenizers, pack corpora into ArrayRecord shards "
                                "(lepton-jax data -h for more)")
     data.add_argument("args", nargs=argparse.REMAINDER)
+    convert = commands.add_parser("convert", add_help=False, help="Hugging Face model directories to checkpoints and "
+                                  "back (lepton-jax convert -h for more)")
+    convert.add_argument("args", nargs=argparse.REMAINDER)
     tune = commands.add_parser("tune", add_help=False, help="hyper-parameter search over a recipe's config on Optuna "
                                "(lepton-jax tune -h for more)")
     tune.add_argument("args", nargs=argparse.REMAINDER)
@@ -145,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lepton_jax.data.cli import run_data
 
         return run_data([*rest, *args.args])
+    if args.command == "convert":
+        from lepton_jax.convert.cli import run_convert
+
+        return run_convert([*rest, *args.args])
     if args.command == "tune":
         from lepton_jax.tune.cli import TuneError, tune as run_tune
 

@@ -1,6 +1,8 @@
 """Reference models built from ``lepton_jax.nn`` and ``lepton_jax.ops``."""
 
 from lepton_jax.models.classifiers import CNN, LSTMClassifier, MLPClassifier
-from lepton_jax.models.gpt import GPT, GPT_QUANTIZED_MODULES, GPTConfig, LMHead, generate, init_cache, lm_loss
+from lepton_jax.models.gpt import (GPT, GPT_QUANTIZED_MODULES, GPTConfig, LMHead, RopeScaling, generate, init_cache,
+                                   lm_loss)
 
-__all__ = ["CNN", "GPT", "GPTConfig", "GPT_QUANTIZED_MODULES", "LMHead", "LSTMClassifier", "MLPClassifier", "generate", "init_cache", "lm_loss"]
+__all__ = ["CNN", "GPT", "GPTConfig", "GPT_QUANTIZED_MODULES", "LMHead", "LSTMClassifier", "MLPClassifier", "RopeScaling",
+           "generate", "init_cache", "lm_loss"]

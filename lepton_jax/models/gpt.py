@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Mapping, NamedTuple
 
 import flax.linen as linen
@@ -23,6 +24,29 @@ from lepton_jax.nn._checks import cast
 from lepton_jax.sampling import Sampler
 
 ACTIVATION = ("batch", "seq", "embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3's rotary frequency scaling (``rope_type: "llama3"``): wavelengths
+    longer than ``original_max_len / low_freq_factor`` are stretched by
+    ``factor``, shorter than ``original_max_len / high_freq_factor`` are kept,
+    and the band between is interpolated."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192
+
+    def inverse_frequencies(self, inv_freq: jax.Array) -> jax.Array:
+        wavelength = 2 * math.pi / inv_freq
+        long_wave = self.original_max_len / self.low_freq_factor
+        short_wave = self.original_max_len / self.high_freq_factor
+        smooth = (self.original_max_len / wavelength - self.low_freq_factor) / (
+            self.high_freq_factor - self.low_freq_factor)
+        between = (1 - smooth) * inv_freq / self.factor + smooth * inv_freq
+        return jnp.where(wavelength > long_wave, inv_freq / self.factor,
+                         jnp.where(wavelength < short_wave, inv_freq, between))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +71,13 @@ class GPTConfig:
     # [tokens, vocab] logits are never materialised. Evaluation and decoding
     # still return logits.
     fused_loss: bool = False
+    # Pretrained families (lepton_jax.convert): GPT-2 has biases on every
+    # projection; Llama sets rope_theta, rope_scaling, head_size, norm_eps.
+    use_bias: bool = False
+    norm_eps: float = 0.0  # 0: the norm's default (LayerNorm 1e-5, RMSNorm 1e-6)
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    head_size: int = 0  # 0: d_model // num_heads
 
     @property
     def kv_heads(self) -> int:
@@ -54,7 +85,7 @@ class GPTConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.num_heads
+        return self.head_size or self.d_model // self.num_heads
 
 
 class LMHead(NamedTuple):
@@ -69,13 +100,23 @@ def _param(module: linen.Module, name: str, shape, axes, init=None) -> jax.Array
     return nn.logical_param(module, name, init or linen.initializers.normal(stddev=0.02), shape, axes)
 
 
+def _bias(module: linen.Module, name: str, y: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    """``y + bias`` over the trailing ``axes`` when the config has ``use_bias`` (GPT-2)."""
+    if not module.config.use_bias:
+        return y
+    bias = nn.logical_param(module, f"{name}_bias", linen.initializers.zeros_init(), y.shape[-len(axes):], axes)
+    return y + cast(bias, y.dtype)
+
+
 def _constrain(x: jax.Array) -> jax.Array:
     return linen.with_logical_constraint(x, ACTIVATION)
 
 
-def _rotary(x_BxSxHxD: jax.Array, positions_S: jax.Array) -> jax.Array:
+def _rotary(x_BxSxHxD: jax.Array, positions_S: jax.Array, config: GPTConfig) -> jax.Array:
     D = x_BxSxHxD.shape[-1]
-    inv_freq = 1.0 / (10000.0 ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
+    if config.rope_scaling is not None:
+        inv_freq = config.rope_scaling.inverse_frequencies(inv_freq)
     angles_SxD2 = positions_S[:, None].astype(jnp.float32) * inv_freq[None]
     sin, cos = jnp.sin(angles_SxD2)[None, :, None], jnp.cos(angles_SxD2)[None, :, None]
     x1, x2 = jnp.split(x_BxSxHxD.astype(jnp.float32), 2, axis=-1)
@@ -87,9 +128,10 @@ class _Norm(linen.Module):
 
     @linen.compact
     def __call__(self, x):
-        if self.config.norm == "rms":
-            return nn.RMSNorm(implementation=self.config.norm_implementation)(x)
-        return nn.LayerNorm(implementation=self.config.norm_implementation)(x)
+        c = self.config
+        if c.norm == "rms":
+            return nn.RMSNorm(eps=c.norm_eps or 1e-6, implementation=c.norm_implementation)(x)
+        return nn.LayerNorm(eps=c.norm_eps or 1e-5, implementation=c.norm_implementation)(x)
 
 
 class _AttentionCore(linen.Module):
@@ -119,11 +161,12 @@ class Attention(linen.Module):
         w_o_HxDxE = _param(self, "out", (H, D, E), ("heads", "head_dim", "embed"),
                            linen.initializers.normal(stddev=0.02 / (2 * c.num_layers) ** 0.5))
         x = x_BxSxE.astype(c.dtype)
-        q_BxSxHxD = jnp.einsum("bse,ehd->bshd", x, cast(w_q_ExHxD, c.dtype))
-        k_BxSxKxD = jnp.einsum("bse,ekd->bskd", x, cast(w_k_ExKxD, c.dtype))
-        v_BxSxKxD = jnp.einsum("bse,ekd->bskd", x, cast(w_v_ExKxD, c.dtype))
+        q_BxSxHxD = _bias(self, "query", jnp.einsum("bse,ehd->bshd", x, cast(w_q_ExHxD, c.dtype)), ("heads", "head_dim"))
+        k_BxSxKxD = _bias(self, "key", jnp.einsum("bse,ekd->bskd", x, cast(w_k_ExKxD, c.dtype)), ("kv_heads", "head_dim"))
+        v_BxSxKxD = _bias(self, "value", jnp.einsum("bse,ekd->bskd", x, cast(w_v_ExKxD, c.dtype)),
+                          ("kv_heads", "head_dim"))
         if c.positions == "rotary":
-            q_BxSxHxD, k_BxSxKxD = _rotary(q_BxSxHxD, positions_S), _rotary(k_BxSxKxD, positions_S)
+            q_BxSxHxD, k_BxSxKxD = _rotary(q_BxSxHxD, positions_S, c), _rotary(k_BxSxKxD, positions_S, c)
         if decode:
             out_BxSxHxD = self._attend_cache(q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, positions_S)
         else:
@@ -131,7 +174,7 @@ class Attention(linen.Module):
             out_BxSxHxD = _AttentionCore(name="core")(q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, causal=True,
                                                       segment_ids=segments,
                                                       implementation=c.attention_implementation)
-        return jnp.einsum("bshd,hde->bse", out_BxSxHxD, cast(w_o_HxDxE, c.dtype))
+        return _bias(self, "out", jnp.einsum("bshd,hde->bse", out_BxSxHxD, cast(w_o_HxDxE, c.dtype)), ("embed",))
 
     def _attend_cache(self, q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, positions_S):
         c = self.config
@@ -160,7 +203,7 @@ class MLPBlock(linen.Module):
         c = self.config
         x = x_BxSxE.astype(c.dtype)
         w_in_ExF = _param(self, "w_in", (c.d_model, c.d_ff), ("embed", "mlp"))
-        h_BxSxF = jnp.einsum("bse,ef->bsf", x, cast(w_in_ExF, c.dtype))
+        h_BxSxF = _bias(self, "w_in", jnp.einsum("bse,ef->bsf", x, cast(w_in_ExF, c.dtype)), ("mlp",))
         if c.mlp == "swiglu":
             w_gate_ExF = _param(self, "w_gate", (c.d_model, c.d_ff), ("embed", "mlp"))
             h_BxSxF = jax.nn.silu(jnp.einsum("bse,ef->bsf", x, cast(w_gate_ExF, c.dtype))) * h_BxSxF
@@ -169,7 +212,7 @@ class MLPBlock(linen.Module):
         h_BxSxF = linen.with_logical_constraint(h_BxSxF, ("batch", "seq", "mlp"))
         w_out_FxE = _param(self, "w_out", (c.d_ff, c.d_model), ("mlp", "embed"),
                            linen.initializers.normal(stddev=0.02 / (2 * c.num_layers) ** 0.5))
-        return jnp.einsum("bsf,fe->bse", h_BxSxF, cast(w_out_FxE, c.dtype))
+        return _bias(self, "w_out", jnp.einsum("bsf,fe->bse", h_BxSxF, cast(w_out_FxE, c.dtype)), ("embed",))
 
 
 class Block(linen.Module):
