@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import flax.linen as linen
 import numpy as np
 
 Array = np.ndarray
 # Modules defining a ``FAMILY``; ``family_for`` imports them on first use.
-FAMILY_MODULES = ("gpt2", "llama")
+FAMILY_MODULES = ("gpt2", "llama", "bert")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +74,9 @@ class Family:
     ``"transformer."``); ``read_prefixes``: prefixes stripped when reading
     (a file saved from a model with a head, or from the bare base model);
     ``ignored``: names that are known non-parameter buffers (a regex matched
-    against the unprefixed name), skipped on reading.
+    against the unprefixed name), skipped on reading; ``complete_config``:
+    ``config.json`` completed from the checkpoint's unprefixed tensor names,
+    before ``build``, for what the file does not say (BERT's optional pooler).
     """
 
     name: str
@@ -87,6 +89,8 @@ class Family:
     prefix: str = ""
     read_prefixes: tuple[str, ...] = ()
     ignored: str = r"(?!)"
+    complete_config: Callable[[Mapping[str, Any], Collection[str]], Mapping[str, Any]] = (
+        lambda hf_config, names: hf_config)
 
 
 def families() -> list[Family]:

@@ -163,12 +163,12 @@ def from_hf(directory: str | os.PathLike, *, dtype: Any = None, mesh: Any = None
     where = f"from_hf({directory!r})"
     hf_config = read_config(directory)
     family = family_for(hf_config, where)
-    model = _with_overrides(family.build(hf_config), model_overrides)
-    specs = family.tensors(model)
-    ours = _check_mapping(family, model, specs, where)
     params = {}
     with _open_tensors(directory) as handles:
         found = {_strip(name, family): (name, handle) for name, handle in handles.items()}
+        model = _with_overrides(family.build(family.complete_config(hf_config, found.keys())), model_overrides)
+        specs = family.tensors(model)
+        ours = _check_mapping(family, model, specs, where)
         _check_names(family, {s.hf_name: s for s in specs}, found, where)
         for spec in specs:
             name, handle = found[spec.hf_name]

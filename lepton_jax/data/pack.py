@@ -64,6 +64,8 @@ class RowPacker:
     Holds less than one row between documents, so a corpus streams through it."""
 
     def __init__(self, eod_id: int, seq_len: int) -> None:
+        if eod_id is None:
+            raise ValueError("pack: the tokenizer has no end-of-document token, which packing puts between documents")
         self.eod_id, self.seq_len = int(eod_id), int(seq_len)
         self._ids, self._owner = np.zeros(0, np.int32), np.zeros(0, np.int64)
         self.documents = 0

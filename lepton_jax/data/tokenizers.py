@@ -3,18 +3,22 @@ corpus, or any local ``tokenizer.json``). Nothing is downloaded.
 
 Every tokenizer has ``encode(text) -> int32 ids``, ``decode(ids) -> str``,
 ``vocab_size``, an end-of-document id ``eod_id`` (what packing puts between
-documents) and a ``name`` a pack's metadata records.
+documents; ``None`` for an encoder's tokenizer that has none, e.g. BERT's)
+and a ``name`` a pack's metadata records. ``HFTokenizer.encode_batch`` gives
+an encoder's padded inputs, with the tokenizer's own special tokens.
 """
 
 from __future__ import annotations
 
 import glob as glob_lib
+import json
 import os
 from typing import Sequence
 
 import numpy as np
 
 EOD_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "[EOS]", "<|end_of_text|>")
+PAD_TOKENS = ("[PAD]", "<pad>", "<|pad|>", "<|padding|>")
 
 
 class ByteTokenizer:
@@ -48,10 +52,10 @@ class HFTokenizer:
             raise ValueError(f"tokenizer: {self.path!r} is not a Hugging Face tokenizer.json: {error}") from None
         self.vocab_size = int(self._tokenizer.get_vocab_size(with_added_tokens=True))
         found = [t for t in EOD_TOKENS if self._tokenizer.token_to_id(t) is not None]
-        if not found:
-            raise ValueError(f"tokenizer: {self.path!r} has no end-of-document token; expected one of {EOD_TOKENS}")
-        self.eod_id = int(self._tokenizer.token_to_id(found[0]))
+        # An encoder's tokenizer (BERT's [CLS] ... [SEP]) has none; packing needs one (``require_eod``).
+        self.eod_id = int(self._tokenizer.token_to_id(found[0])) if found else None
         self.name = os.path.basename(self.path)
+        self._batch_tokenizer = None
 
     def encode(self, text: str | bytes) -> np.ndarray:
         if isinstance(text, bytes):
@@ -61,13 +65,79 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._tokenizer.decode([int(i) for i in np.asarray(ids)])
 
+    def encode_batch(self, texts: Sequence[str], *, max_length: int | None = None) -> dict[str, np.ndarray]:
+        """``texts`` as an encoder's inputs, as ``transformers`` gives them:
+        the tokenizer's special tokens added (its post-processor, e.g.
+        ``[CLS] ... [SEP]``), cut to ``max_length`` tokens (specials
+        included), padded on the right with its pad token to the longest.
+
+        Returns int32 ``input_ids``, ``attention_mask`` (1 real, 0 padding)
+        and ``token_type_ids``, each ``[len(texts), T]``.
+        """
+        if isinstance(texts, (str, bytes)) or not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"encode_batch: texts must be a sequence of str, got {type(texts).__name__}")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or max_length < 1):
+            raise ValueError(f"encode_batch: max_length must be a positive int or None, got {max_length!r}")
+        tokenizer = self._padding_tokenizer()
+        if max_length is None:
+            tokenizer.no_truncation()
+        else:
+            tokenizer.enable_truncation(max_length)
+        encodings = tokenizer.encode_batch(list(texts), add_special_tokens=True)
+        if not encodings:
+            empty = np.zeros((0, 0), np.int32)
+            return {"input_ids": empty, "attention_mask": empty.copy(), "token_type_ids": empty.copy()}
+        return {"input_ids": np.asarray([e.ids for e in encodings], np.int32),
+                "attention_mask": np.asarray([e.attention_mask for e in encodings], np.int32),
+                "token_type_ids": np.asarray([e.type_ids for e in encodings], np.int32)}
+
+    def _padding_tokenizer(self):
+        """A copy of the tokenizer that pads batches to their longest row (so
+        ``encode`` keeps the file's own padding and truncation settings)."""
+        if self._batch_tokenizer is None:
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_str(self._tokenizer.to_str())
+            stored = tokenizer.padding or {}
+            pad_token = stored.get("pad_token") or self._pad_token()
+            tokenizer.enable_padding(direction=stored.get("direction", "right"),
+                                     pad_id=int(tokenizer.token_to_id(pad_token)), pad_token=pad_token,
+                                     pad_type_id=int(stored.get("pad_type_id", 0)))
+            self._batch_tokenizer = tokenizer
+        return self._batch_tokenizer
+
+    def _pad_token(self) -> str:
+        """The pad token: ``tokenizer_config.json``'s beside the file, else the first of ``PAD_TOKENS``."""
+        config_path = os.path.join(os.path.dirname(self.path), "tokenizer_config.json")
+        if os.path.isfile(config_path):
+            with open(config_path) as file:
+                pad = json.load(file).get("pad_token")
+            pad = pad.get("content") if isinstance(pad, dict) else pad
+            if isinstance(pad, str) and self._tokenizer.token_to_id(pad) is not None:
+                return pad
+        for token in PAD_TOKENS:
+            if self._tokenizer.token_to_id(token) is not None:
+                return token
+        raise ValueError(f"encode_batch: {self.path!r} has no padding token; expected one of {PAD_TOKENS} "
+                         "(or a pad_token in tokenizer_config.json)")
+
 
 Tokenizer = ByteTokenizer | HFTokenizer
 
 
+def require_eod(tokenizer: Tokenizer) -> Tokenizer:
+    """``tokenizer``, or an error when it has no end-of-document token (packing needs one)."""
+    if tokenizer.eod_id is None:
+        raise ValueError(f"tokenizer: {getattr(tokenizer, 'path', tokenizer.name)!r} has no end-of-document token, "
+                         f"which packing puts between documents; expected one of {EOD_TOKENS}")
+    return tokenizer
+
+
 def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
-    """``"bytes"`` or the path of a ``tokenizer.json``."""
-    return ByteTokenizer() if os.fspath(spec) == "bytes" else HFTokenizer(spec)
+    """``"bytes"`` or the path of a ``tokenizer.json``, for packing a corpus:
+    it must have an end-of-document token."""
+    return ByteTokenizer() if os.fspath(spec) == "bytes" else require_eod(HFTokenizer(spec))
 
 
 def corpus_files(pattern: str | Sequence[str]) -> list[str]:
@@ -99,4 +169,5 @@ def train_bpe(files: Sequence[str], vocab_size: int, out: str | os.PathLike) -> 
     return HFTokenizer(out)
 
 
-__all__ = ["ByteTokenizer", "EOD_TOKENS", "HFTokenizer", "Tokenizer", "corpus_files", "load_tokenizer", "train_bpe"]
+__all__ = ["ByteTokenizer", "EOD_TOKENS", "HFTokenizer", "PAD_TOKENS", "Tokenizer", "corpus_files", "load_tokenizer",
+           "require_eod", "train_bpe"]

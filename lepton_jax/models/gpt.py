@@ -134,7 +134,7 @@ class _Norm(linen.Module):
         return nn.LayerNorm(eps=c.norm_eps or 1e-5, implementation=c.norm_implementation)(x)
 
 
-class _AttentionCore(linen.Module):
+class AttentionCore(linen.Module):
     """``ops.attention`` as a child module without parameters (``.../attention/core``):
     quantizers that select modules by path (qwix) can take the projections and
     leave the products of two activations in float."""
@@ -171,7 +171,7 @@ class Attention(linen.Module):
             out_BxSxHxD = self._attend_cache(q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, positions_S)
         else:
             segments = None if segment_ids_BxS is None else (segment_ids_BxS, segment_ids_BxS)
-            out_BxSxHxD = _AttentionCore(name="core")(q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, causal=True,
+            out_BxSxHxD = AttentionCore(name="core")(q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, causal=True,
                                                       segment_ids=segments,
                                                       implementation=c.attention_implementation)
         return _bias(self, "out", jnp.einsum("bshd,hde->bse", out_BxSxHxD, cast(w_o_HxDxE, c.dtype)), ("embed",))
@@ -191,7 +191,7 @@ class Attention(linen.Module):
         # Keys written so far share segment 0 with the query; the rest are masked.
         kv_ids_BxT = jnp.broadcast_to((jnp.arange(c.max_len) > positions_S[-1]).astype(jnp.int32), (B, c.max_len))
         q_ids_BxS = jnp.zeros((B, S), jnp.int32)
-        return _AttentionCore(name="core")(q_BxSxHxD, cached_k.value, cached_v.value,
+        return AttentionCore(name="core")(q_BxSxHxD, cached_k.value, cached_v.value,
                                            segment_ids=(q_ids_BxS, kv_ids_BxT), implementation="xla")
 
 
