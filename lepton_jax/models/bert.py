@@ -19,7 +19,7 @@ import flax.linen as linen
 import jax
 import jax.numpy as jnp
 
-from lepton_jax import nn, ops
+from lepton_jax import nn
 from lepton_jax.models.gpt import AttentionCore
 from lepton_jax.nn._checks import cast
 
