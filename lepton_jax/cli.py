@@ -52,8 +52,9 @@ def _train(recipe: str | None, overrides: list[str], list_only: bool) -> int:
         print(f"lepton-jax train: unknown recipe {recipe!r}; available: {available}", file=sys.stderr)
         return 2
     overrides = _config_file_overrides(recipe, overrides)
-    registry.get(recipe).main(overrides)
-    return 0
+    result = registry.get(recipe).main(overrides)
+    # A recipe whose main returns an exit status (e.g. 2 for a bad argument) passes it on.
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
 def _config_file_overrides(recipe: str, overrides: list[str]) -> list[str]:
