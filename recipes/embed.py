@@ -9,11 +9,16 @@ convert --from-hf`` wrote. ``--texts``: UTF-8, one text per line (a final
 newline ends the last text; it does not start an empty one). ``--out``: an
 ``(N, D)`` float32 ``.npy`` of the encoder's last hidden states averaged
 over each text's tokens (``--normalize``: unit L2 norms).
+
+A sentence-transformers directory (``modules.json``) is read as its library
+reads it: its pooling must be the mean (another is refused), and a
+``Normalize`` module normalizes without the flag.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Sequence
@@ -55,6 +60,35 @@ def read_texts(path: str) -> list[str]:
     return lines[:-1] if lines[-1] == "" else lines
 
 
+def sentence_transformers_modules(base: str) -> bool:
+    """Whether the sentence-transformers modules of ``base`` (if any) normalize;
+    an error when they pool other than by the mean."""
+    path = os.path.join(base, "modules.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as file:
+        modules = json.load(file)
+    normalize = False
+    for module in modules:
+        kind = module.get("type", "")
+        if kind.endswith(".Pooling"):
+            with open(os.path.join(base, module.get("path", ""), "config.json"), encoding="utf-8") as file:
+                pooling = json.load(file)
+            # sentence-transformers 6 writes "pooling_mode": "mean"; earlier
+            # releases one flag per mode ("pooling_mode_mean_tokens": true).
+            modes = pooling.get("pooling_mode") or sorted(
+                k.removeprefix("pooling_mode_").removesuffix("_tokens") for k, v in pooling.items()
+                if k.startswith("pooling_mode_") and v is True)
+            if modes not in ("mean", ["mean"]):
+                raise UsageError(f"--base: {base!r} pools by {modes} in sentence-transformers; this recipe mean-pools")
+        elif kind.endswith(".Normalize"):
+            normalize = True
+        elif not kind.endswith(".Transformer"):
+            raise UsageError(f"--base: {base!r} has the sentence-transformers module {kind!r}, which this recipe "
+                             "does not run")
+    return normalize
+
+
 def embed_file(base: str, texts_path: str, out: str, *, normalize: bool = False, batch_size: int = 32,
                max_length: int | None = None) -> np.ndarray:
     """Embeds every line of ``texts_path`` with the encoder at ``base``; writes and returns ``(N, D)`` float32."""
@@ -69,6 +103,7 @@ def embed_file(base: str, texts_path: str, out: str, *, normalize: bool = False,
     if not os.path.isdir(base):
         raise UsageError(f"--base: {base!r} is not a directory")
     texts = read_texts(texts_path)
+    normalize = sentence_transformers_modules(base) or normalize
     try:
         model, variables, tokenizer = load(base)
     except (FileNotFoundError, ValueError) as error:

@@ -113,6 +113,30 @@ def test_batches_share_one_compilation_and_a_converted_checkpoint_embeds_the_sam
     assert cut.shape == (1, 32) and not np.allclose(cut, ours[2:3], atol=1e-3)
 
 
+def test_a_sentence_transformers_model_gives_its_own_vectors(hf_dir, texts_file, tmp_path):
+    """The home library of sentence-embedding models, loading the same directory."""
+    import json
+    import shutil
+
+    st = pytest.importorskip("sentence_transformers")
+    from sentence_transformers import models as st_models
+    directory = tmp_path / "st"
+    shutil.copytree(hf_dir, directory / "encoder")
+    (directory / "encoder" / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", **{f"{k}_token": f"[{k.upper()}]" for k in
+                                                          ("pad", "unk", "cls", "sep", "mask")}}))
+    word = st_models.Transformer(str(directory / "encoder"))
+    modules = [word, st_models.Pooling(word.get_word_embedding_dimension(), pooling_mode="mean"), st_models.Normalize()]
+    st.SentenceTransformer(modules=modules, device="cpu").save(str(directory / "saved"))
+    theirs = st.SentenceTransformer(str(directory / "saved"), device="cpu").encode(TEXTS, batch_size=4)
+    out = tmp_path / "ours.npy"
+    assert embed.main(["--base", str(directory / "saved"), "--texts", texts_file, "--out", str(out)]) == 0
+    np.testing.assert_allclose(np.load(out), theirs, atol=1e-5, rtol=0)  # normalized, as its Normalize module does
+    # A model that pools otherwise (its [CLS] vector) is refused, not mean-pooled.
+    (directory / "saved" / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "cls"}))
+    assert embed.main(["--base", str(directory / "saved"), "--texts", texts_file, "--out", str(out)]) == 2
+
+
 def test_bad_arguments_are_one_line_with_exit_status_2(hf_dir, texts_file, tmp_path, capsys, subprocess_env):
     out = str(tmp_path / "o.npy")
     cases = [([], "the following arguments are required: --base, --texts, --out"),
