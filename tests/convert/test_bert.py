@@ -24,6 +24,9 @@ from lepton_jax import convert, models
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+# transformers models built, saved and compared: several seconds each.
+pytestmark = pytest.mark.slow
+
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = ("the a quick brown fox jump over lazy dog cat sat on mat hello world pack my box with five dozen "
          "liquor jug and is it not very good bad day night".split())

@@ -24,6 +24,9 @@ from lepton_jax.models import generate
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+# transformers models built, saved and compared: several seconds each.
+pytestmark = pytest.mark.slow
+
 VOCAB = 300  # a byte-level BPE tokenizer trained below has this many ids
 TEXT = "the quick brown fox jumps over the lazy dog. " * 20 + "pack my box with five dozen liquor jugs. " * 20
 

@@ -1,4 +1,5 @@
-"""recipes.finetune: LoRA and full fine-tuning of a converted Llama-family decoder."""
+"""recipes.finetune: LoRA and full fine-tuning of a converted Llama-family decoder
+(on text and on a packed corpus)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import numpy as np
 import pytest
 from flax import linen
 
-from lepton_jax import convert, lora, models
+from lepton_jax import convert, data, lora, models
 from recipes import finetune
+
+# Fine-tuning runs: several seconds each.
+pytestmark = pytest.mark.slow
 
 TEXT = ("def add(a, b):\n    return a + b\n\n" * 40 + "class Point:\n    x: int = 0\n    y: int = 0\n\n" * 40)
 
@@ -29,22 +33,27 @@ def base(tmp_path_factory):
     model = models.GPT(config)
     params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
     convert.to_hf(model, {"params": linen.meta.unbox(params)}, root / "hf", tokenizer=tokenizer)
+    # The same text as a packed corpus of four documents (rows of 33 ids: 32 trained positions).
+    for i in range(4):
+        (root / f"doc{i}.txt").write_text(TEXT[i * 400:(i + 1) * 400 + 800])
+    data.pack_corpus([str(root / f"doc{i}.txt") for i in range(4)], str(root / "hf" / "tokenizer.json"), 33,
+                     str(root / "pack"), val_fraction=0.25, progress=False)
     return root
 
 
-def _run(base, tmp_path, *extra: str) -> dict:
+def _run(base, tmp_path, *extra: str, data_path: str = "text.txt") -> dict:
     out = tmp_path / "run"
-    code = finetune.main(["--base", str(base / "hf"), "--data", str(base / "text.txt"), "--steps", "8",
+    code = finetune.main(["--base", str(base / "hf"), "--data", str(base / data_path), "--steps", "8",
                           "--batch-size", "4", "--seq-len", "32", "--eval_every", "4", "--eval_windows", "4",
                           "--out", str(out), "--progress=false", "--max_bytes", "4000", *extra])
     assert code == 0
     return json.loads((out / "results.json").read_text())
 
 
-@pytest.mark.parametrize("base_dtype", ["float32", "int8"])
-def test_lora_trains_adapters_only_and_exports_merged(base, tmp_path, base_dtype):
+@pytest.mark.parametrize("base_dtype, data_path", [("float32", "text.txt"), ("int8", "pack")])
+def test_lora_trains_adapters_only_and_exports_merged(base, tmp_path, base_dtype, data_path):
     summary = _run(base, tmp_path, "--lora-rank", "4", "--base-dtype", base_dtype, "--export-hf",
-                   str(tmp_path / "merged"))
+                   str(tmp_path / "merged"), data_path=data_path)
     # Rank 4 on q, k, v (GQA: 16 out), out, gate, in, out of 2 layers: (in + out) * 4 per weight.
     per_layer = 4 * ((32 + 32) + (32 + 16) * 2 + (32 + 32) + (32 + 64) * 2 + (64 + 32))
     assert summary["trainable_params"] == 2 * per_layer < summary["total_params"]
