@@ -122,14 +122,14 @@ def test_a_sentence_transformers_model_gives_its_own_vectors(hf_dir, texts_file,
     import shutil
 
     st = pytest.importorskip("sentence_transformers")
-    from sentence_transformers import models as st_models
+    from sentence_transformers.sentence_transformer import modules as st_models
     directory = tmp_path / "st"
     shutil.copytree(hf_dir, directory / "encoder")
     (directory / "encoder" / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", **{f"{k}_token": f"[{k.upper()}]" for k in
                                                           ("pad", "unk", "cls", "sep", "mask")}}))
     word = st_models.Transformer(str(directory / "encoder"))
-    modules = [word, st_models.Pooling(word.get_word_embedding_dimension(), pooling_mode="mean"), st_models.Normalize()]
+    modules = [word, st_models.Pooling(word.get_embedding_dimension(), pooling_mode="mean"), st_models.Normalize()]
     st.SentenceTransformer(modules=modules, device="cpu").save(str(directory / "saved"))
     theirs = st.SentenceTransformer(str(directory / "saved"), device="cpu").encode(TEXTS, batch_size=4)
     out = tmp_path / "ours.npy"
