@@ -25,25 +25,26 @@ def test_fused_loss_matches_logits_loss_and_gradients(tie):
     targets = jax.random.randint(jax.random.PRNGKey(1), (3, 9), 0, 40).at[0, :4].set(-100)
     batch = {"inputs": tokens, "targets": targets, "mask": jnp.array([True, True, False])}
     plain, fused = models.GPT(_tiny(tie_embeddings=tie)), models.GPT(_tiny(tie_embeddings=tie, fused_loss=True))
-    params = linen.meta.unbox(plain.init(jax.random.PRNGKey(2), tokens)["params"])
+    # Jitted: op by op, every small op of the forward and backward passes compiles on its own.
+    params = linen.meta.unbox(jax.jit(plain.init)(jax.random.PRNGKey(2), tokens)["params"])
 
     def loss(model, implementation):
         return lambda p: models.lm_loss(model.apply({"params": p}, tokens, train=True), batch,
                                         implementation=implementation)
 
-    head = fused.apply({"params": params}, tokens, train=True)
+    head = jax.jit(lambda p: fused.apply({"params": p}, tokens, train=True))(params)
     assert isinstance(head, models.LMHead) and head.head_ExV.shape == (32, 40)
     # Evaluation still returns logits.
-    assert fused.apply({"params": params}, tokens).shape == (3, 9, 40)
-    want, want_grads = jax.value_and_grad(loss(plain, "auto"))(params)
+    assert jax.eval_shape(lambda p: fused.apply({"params": p}, tokens), params).shape == (3, 9, 40)
+    want, want_grads = jax.jit(jax.value_and_grad(loss(plain, "auto")))(params)
     # Independent value: cross-entropy from the logits by hand, rows 0-1 only, ignored tokens out.
-    logits = plain.apply({"params": params}, tokens)
+    logits = jax.jit(plain.apply)({"params": params}, tokens)
     logp = jax.nn.log_softmax(logits, -1)
     valid = (targets != -100) & batch["mask"][:, None]
     picked = jnp.take_along_axis(logp, jnp.maximum(targets, 0)[..., None], -1)[..., 0]
     np.testing.assert_allclose(want, -(picked * valid).sum() / valid.sum(), rtol=1e-6)
     for implementation in ("xla", "chunked"):
-        got, got_grads = jax.value_and_grad(loss(fused, implementation))(params)
+        got, got_grads = jax.jit(jax.value_and_grad(loss(fused, implementation)))(params)
         np.testing.assert_allclose(got, want, rtol=1e-6)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got_grads, want_grads)
 
