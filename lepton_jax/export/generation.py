@@ -33,7 +33,7 @@ def export_decoder(version_dir: str | os.PathLike, model: Any, variables: Any, *
     (``{"params": ...}``): the decoder reads the same ``params.npz``. The step
     is ``(variables, token int32[b, 1], *cache) -> (logits float32[b, vocab],
     *cache)``; the cache leaves (keys/values ``[b, max_len, kv_heads,
-    head_dim]`` per layer and the position) are listed in ``signature.json``
+    head_dim]`` per layer and each row's position ``[b]``) are listed in ``signature.json``
     under ``"generation"``. ``rebuild`` turns the stored variables into the
     tree ``model.apply`` takes, for a quantized model whose export stores them
     flat (``QuantizedModel.flat_variables``). Returns the decoder file's path.
@@ -53,7 +53,7 @@ def export_decoder(version_dir: str | os.PathLike, model: Any, variables: Any, *
 
     (batch,) = jax.export.symbolic_shape(loader.BATCH_SYMBOL)
 
-    def spec(leaf):  # the batch axis of every cache array is the symbol; the position is a scalar
+    def spec(leaf):  # the batch axis of every cache array (keys, values, positions) is the symbol
         shape = (batch, *leaf.shape[1:]) if leaf.ndim else ()
         return jax.ShapeDtypeStruct(shape, leaf.dtype)
 

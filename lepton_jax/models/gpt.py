@@ -112,13 +112,14 @@ def _constrain(x: jax.Array) -> jax.Array:
     return linen.with_logical_constraint(x, ACTIVATION)
 
 
-def _rotary(x_BxSxHxD: jax.Array, positions_S: jax.Array, config: GPTConfig) -> jax.Array:
+def _rotary(x_BxSxHxD: jax.Array, positions_BxS: jax.Array, config: GPTConfig) -> jax.Array:
+    """Rotary embedding at ``positions`` ``[B or 1, S]`` (each decoded row has its own)."""
     D = x_BxSxHxD.shape[-1]
     inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
     if config.rope_scaling is not None:
         inv_freq = config.rope_scaling.inverse_frequencies(inv_freq)
-    angles_SxD2 = positions_S[:, None].astype(jnp.float32) * inv_freq[None]
-    sin, cos = jnp.sin(angles_SxD2)[None, :, None], jnp.cos(angles_SxD2)[None, :, None]
+    angles_BxSxD2 = positions_BxS[..., None].astype(jnp.float32) * inv_freq
+    sin, cos = jnp.sin(angles_BxSxD2)[:, :, None], jnp.cos(angles_BxSxD2)[:, :, None]
     x1, x2 = jnp.split(x_BxSxHxD.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x_BxSxHxD.dtype)
 
@@ -151,7 +152,7 @@ class Attention(linen.Module):
     config: GPTConfig
 
     @linen.compact
-    def __call__(self, x_BxSxE: jax.Array, positions_S: jax.Array, decode: bool = False,
+    def __call__(self, x_BxSxE: jax.Array, positions_BxS: jax.Array, decode: bool = False,
                  segment_ids_BxS: jax.Array | None = None) -> jax.Array:
         c = self.config
         E, H, K, D = c.d_model, c.num_heads, c.kv_heads, c.head_dim
@@ -166,9 +167,9 @@ class Attention(linen.Module):
         v_BxSxKxD = _bias(self, "value", jnp.einsum("bse,ekd->bskd", x, cast(w_v_ExKxD, c.dtype)),
                           ("kv_heads", "head_dim"))
         if c.positions == "rotary":
-            q_BxSxHxD, k_BxSxKxD = _rotary(q_BxSxHxD, positions_S, c), _rotary(k_BxSxKxD, positions_S, c)
+            q_BxSxHxD, k_BxSxKxD = _rotary(q_BxSxHxD, positions_BxS, c), _rotary(k_BxSxKxD, positions_BxS, c)
         if decode:
-            out_BxSxHxD = self._attend_cache(q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, positions_S)
+            out_BxSxHxD = self._attend_cache(q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, positions_BxS)
         else:
             segments = None if segment_ids_BxS is None else (segment_ids_BxS, segment_ids_BxS)
             out_BxSxHxD = AttentionCore(name="core")(q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, causal=True,
@@ -176,7 +177,7 @@ class Attention(linen.Module):
                                                       implementation=c.attention_implementation)
         return _bias(self, "out", jnp.einsum("bshd,hde->bse", out_BxSxHxD, cast(w_o_HxDxE, c.dtype)), ("embed",))
 
-    def _attend_cache(self, q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, positions_S):
+    def _attend_cache(self, q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, positions_BxS):
         c = self.config
         B, S, K, D = k_BxSxKxD.shape
         if S != 1:
@@ -185,11 +186,13 @@ class Attention(linen.Module):
         cached_k = self.variable("cache", "key", jnp.zeros, shape, k_BxSxKxD.dtype)
         cached_v = self.variable("cache", "value", jnp.zeros, shape, v_BxSxKxD.dtype)
         if not self.is_initializing():
-            at = (0, positions_S[0], 0, 0)
-            cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BxSxKxD, at)
-            cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BxSxKxD, at)
+            # Each row writes at its own position (rows of a continuous batch are at different lengths).
+            write = jax.vmap(lambda cache_TxKxD, new_1xKxD, at: jax.lax.dynamic_update_slice(cache_TxKxD, new_1xKxD,
+                                                                                            (at, 0, 0)))
+            cached_k.value = write(cached_k.value, k_BxSxKxD, positions_BxS[:, 0])
+            cached_v.value = write(cached_v.value, v_BxSxKxD, positions_BxS[:, 0])
         # Keys written so far share segment 0 with the query; the rest are masked.
-        kv_ids_BxT = jnp.broadcast_to((jnp.arange(c.max_len) > positions_S[-1]).astype(jnp.int32), (B, c.max_len))
+        kv_ids_BxT = (jnp.arange(c.max_len)[None] > positions_BxS[:, -1:]).astype(jnp.int32)
         q_ids_BxS = jnp.zeros((B, S), jnp.int32)
         return AttentionCore(name="core")(q_BxSxHxD, cached_k.value, cached_v.value,
                                            segment_ids=(q_ids_BxS, kv_ids_BxT), implementation="xla")
@@ -219,10 +222,10 @@ class Block(linen.Module):
     config: GPTConfig
 
     @linen.compact
-    def __call__(self, x_BxSxE: jax.Array, positions_S: jax.Array, decode: bool = False,
+    def __call__(self, x_BxSxE: jax.Array, positions_BxS: jax.Array, decode: bool = False,
                  segment_ids_BxS: jax.Array | None = None) -> jax.Array:
         c = self.config
-        attention = Attention(c, name="attention")(_Norm(c, name="attention_norm")(x_BxSxE), positions_S, decode,
+        attention = Attention(c, name="attention")(_Norm(c, name="attention_norm")(x_BxSxE), positions_BxS, decode,
                                                    segment_ids_BxS)
         x_BxSxE = x_BxSxE + attention.astype(x_BxSxE.dtype)
         x_BxSxE = x_BxSxE + MLPBlock(c, name="mlp")(_Norm(c, name="mlp_norm")(x_BxSxE)).astype(x_BxSxE.dtype)
@@ -253,23 +256,24 @@ class GPT(linen.Module):
                              f"got {jnp.shape(segment_ids)}")
         if tokens_BxS.shape[1] > c.max_len and c.positions == "learned":
             raise ValueError(f"GPT: sequence length {tokens_BxS.shape[1]} exceeds max_len {c.max_len}")
-        S = tokens_BxS.shape[1]
+        B, S = tokens_BxS.shape
         if decode:
-            index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-            positions_S = index.value + jnp.arange(S)
+            # One position per row: rows may be at different lengths (continuous batching).
+            index = self.variable("cache", "index", lambda: jnp.zeros((B,), jnp.int32))
+            positions_BxS = index.value[:, None] + jnp.arange(S)[None]
             if not self.is_initializing():
                 index.value = index.value + S
         else:
-            positions_S = jnp.arange(S)
+            positions_BxS = jnp.arange(S)[None]
         embedding_VxE = _param(self, "embedding", (c.vocab_size, c.d_model), ("vocab", "embed"))
         x_BxSxE = jnp.take(embedding_VxE, tokens_BxS, axis=0)
         if c.positions == "learned":
             positions_SxE = _param(self, "positions", (c.max_len, c.d_model), (None, "embed"))
-            x_BxSxE = x_BxSxE + jnp.take(positions_SxE, positions_S, axis=0)[None]
+            x_BxSxE = x_BxSxE + jnp.take(positions_SxE, positions_BxS, axis=0)
         x_BxSxE = _constrain(x_BxSxE.astype(c.dtype))
         block = linen.remat(Block, static_argnums=(3,)) if c.remat else Block
         for i in range(c.num_layers):
-            x_BxSxE = block(c, name=f"block_{i}")(x_BxSxE, positions_S, decode, segment_ids)
+            x_BxSxE = block(c, name=f"block_{i}")(x_BxSxE, positions_BxS, decode, segment_ids)
         x_BxSxE = _Norm(c, name="final_norm")(x_BxSxE)
         if return_hidden:
             return x_BxSxE
@@ -307,8 +311,8 @@ def lm_loss(outputs: jax.Array | LMHead, batch: Mapping[str, jax.Array], *,
 
 def init_cache(model: GPT, batch_size: int) -> Any:
     """An empty KV cache (the ``"cache"`` collection) for ``batch_size``
-    sequences: per layer keys and values ``[B, max_len, K, D]``, and the
-    position, all zeros. Built from the shapes alone (``jax.eval_shape``), so
+    sequences: per layer keys and values ``[B, max_len, K, D]``, and each
+    row's position ``[B]``, all zeros. Built from the shapes alone (``jax.eval_shape``), so
     no parameter is initialised on the way."""
     one_BxS = jnp.zeros((batch_size, 1), jnp.int32)
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), one_BxS, decode=True)["cache"])
