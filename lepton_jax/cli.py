@@ -128,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch", type=int, default=64, help="most rows per model call")
     serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    serve.add_argument("--slots", type=int, default=8, help="generation requests decoded at once (KV-cache rows)")
     args, rest = parser.parse_known_args(argv)
     if args.command == "serve":
         if rest:
@@ -136,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             run_server(args.model_dirs, host=args.host, port=args.port, max_batch=args.max_batch,
-                       max_wait_ms=args.max_wait_ms)
+                       max_wait_ms=args.max_wait_ms, slots=args.slots)
         except (FileNotFoundError, ValueError) as error:
             print(f"lepton-jax serve: {error}", file=sys.stderr)
             return 1

@@ -1,5 +1,5 @@
 """Serving exported models over HTTP (TF-Serving / KServe v1 REST) with
-dynamic batching: ``create_app`` for any ASGI server, ``serve`` to run it on
+dynamic batching, and OpenAI-compatible completions with continuous batching: ``create_app`` for any ASGI server, ``serve`` to run it on
 uvicorn, ``lepton-jax serve MODEL_DIR...`` from the shell."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from lepton_jax.serve.batcher import DynamicBatcher, bucket_sizes
 
 
 def serve(model_dirs: Sequence[str | os.PathLike], *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 64,
-          max_wait_ms: float = 5.0, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "info") -> None:
+          max_wait_ms: float = 5.0, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "info",
+          slots: int = 8) -> None:
     """Loads and warms up the models, then serves them until SIGINT/SIGTERM;
     on shutdown, requests in flight are answered before the process exits."""
     import uvicorn
@@ -31,7 +32,8 @@ def serve(model_dirs: Sequence[str | os.PathLike], *, host: str = "127.0.0.1", p
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
-    app = create_app(model_dirs, max_batch=max_batch, max_wait_ms=max_wait_ms, max_body_bytes=max_body_bytes)
+    app = create_app(model_dirs, max_batch=max_batch, max_wait_ms=max_wait_ms, max_body_bytes=max_body_bytes,
+                     slots=slots)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
     Server(config).run()
 

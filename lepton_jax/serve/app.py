@@ -14,8 +14,15 @@ Routes (``name`` is a model directory's base name):
   is drawn (KV cache), then ``[DONE]``.
 - ``GET /v1/models/{name}`` (and ``/versions/{v}``): status, versions, the
   default version and the signature.
+- ``POST /v1/completions``, ``GET /v1/models``: OpenAI-compatible
+  completions for the models with a decode step (``serve.completions``).
 - ``GET /healthz``; ``GET /metrics`` (Prometheus text: requests by model and
-  status code, latency histogram, batch sizes).
+  status code, latency histogram, batch sizes; generation: running and
+  waiting requests, time to first token, tokens generated and per second).
+
+Generation (``:generate`` and completions) runs on a ``ContinuousBatcher``
+per model version: concurrent requests share one decode loop over ``slots``
+KV-cache rows, joining and leaving between steps.
 
 Bad input (malformed JSON, no ``instances``, wrong shape or dtype, non-finite
 numbers, a body over the size limit, an unknown model or version) gets a 4xx
@@ -35,14 +42,17 @@ import time
 from typing import Any, Sequence
 
 import numpy as np
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from lepton_jax.export import loader
+from lepton_jax.sampling import Sampler
 from lepton_jax.serve.batcher import DynamicBatcher, bucket_sizes
+from lepton_jax.serve.completions import OpenAIError, complete, parse
+from lepton_jax.serve.engine import ContinuousBatcher, Request as GenerationRequest
 
 DEFAULT_MAX_BODY_BYTES = 16 << 20
 
@@ -51,8 +61,11 @@ class ServedModel:
     """One loaded version of a model and its batcher."""
 
     def __init__(self, name: str, model: loader.LoadedModel, *, max_batch: int, max_wait_ms: float,
-                 on_batch) -> None:
+                 on_batch, slots: int = 8, on_step=None, on_first_token=None) -> None:
         self.name, self.model, self.version = name, model, model.version
+        # Generation: every request to this version shares one decode loop.
+        self.engine = None if model.generator is None else ContinuousBatcher(
+            model.generator, slots=slots, on_step=on_step, on_first_token=on_first_token)
         example = [np.zeros([1, *spec["shape"][1:]], loader.numpy_dtype(spec["dtype"]))
                    for spec in model.signature["inputs"]]
         self.batcher = DynamicBatcher(lambda *x: model(*x, preprocess=False), example, max_batch=max_batch,
@@ -71,11 +84,13 @@ class BadRequest(Exception):
 
 
 def create_app(model_dirs: Sequence[str | os.PathLike], *, max_batch: int = 64, max_wait_ms: float = 5.0,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, warm_up: bool = True) -> Starlette:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, warm_up: bool = True, slots: int = 8) -> Starlette:
     """The app serving every version in each of ``model_dirs`` (default: the latest).
 
     Each version is compiled for every bucket size before the app is
-    returned (``warm_up``), so no request waits for compilation.
+    returned (``warm_up``), so no request waits for compilation. Models
+    with a decode step generate for up to ``slots`` requests at once
+    (continuous batching); more wait for a free slot.
     """
     if not model_dirs:
         raise ValueError("create_app: give at least one model directory")
@@ -86,6 +101,32 @@ def create_app(model_dirs: Sequence[str | os.PathLike], *, max_batch: int = 64, 
                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
     batch_rows = Histogram("lepton_batch_size", "Rows per model call", ["model"], registry=registry,
                            buckets=[float(b) for b in bucket_sizes(max_batch)])
+
+    running = Gauge("lepton_generation_running", "Generation requests holding a KV-cache slot", ["model"],
+                    registry=registry)
+    waiting = Gauge("lepton_generation_waiting", "Generation requests waiting for a slot", ["model"], registry=registry)
+    first_token = Histogram("lepton_time_to_first_token_seconds", "Time from arrival to the first token", ["model"],
+                            registry=registry, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
+    generated = Counter("lepton_generated_tokens", "Tokens generated", ["model"], registry=registry)
+    tokens_per_second = Gauge("lepton_generation_tokens_per_second", "Tokens generated per second over the last "
+                              "second of decode steps", ["model"], registry=registry)
+
+    def step_metrics(name: str):
+        window: list[tuple[float, int]] = []
+
+        def on_step(active: int, queued: int, new_tokens: int) -> None:
+            now = time.perf_counter()
+            running.labels(model=name).set(active)
+            waiting.labels(model=name).set(queued)
+            generated.labels(model=name).inc(new_tokens)
+            window.append((now, new_tokens))
+            while window and window[0][0] < now - 1.0:
+                window.pop(0)
+            span = max(now - window[0][0], 1e-3) if len(window) > 1 else 1.0
+            tokens_per_second.labels(model=name).set(sum(n for _, n in window[1:]) / span if len(window) > 1 else
+                                                     new_tokens)
+
+        return on_step
 
     models: dict[str, dict[int, ServedModel]] = {}
     for model_dir in model_dirs:
@@ -99,9 +140,13 @@ def create_app(model_dirs: Sequence[str | os.PathLike], *, max_batch: int = 64, 
         models[name] = {}
         for version in versions:
             served = ServedModel(name, loader.load(model_dir, version), max_batch=max_batch, max_wait_ms=max_wait_ms,
-                                 on_batch=lambda rows, n=name: batch_rows.labels(model=n).observe(rows))
+                                 on_batch=lambda rows, n=name: batch_rows.labels(model=n).observe(rows),
+                                 slots=slots, on_step=step_metrics(name),
+                                 on_first_token=lambda seconds, n=name: first_token.labels(model=n).observe(seconds))
             if warm_up:
                 served.batcher.warm_up()
+                if served.engine is not None:
+                    served.engine.warm_up()
             models[name][version] = served
 
     def find(name: str, version: str | None) -> ServedModel:
@@ -150,21 +195,58 @@ def create_app(model_dirs: Sequence[str | os.PathLike], *, max_batch: int = 64, 
             requests_total.labels(model=name, code="400").inc()
             return JSONResponse({"error": str(error)}, status_code=400)
         requests_total.labels(model=name, code="200").inc()
-        tokens = generator.stream(prompt, args["max_tokens"], temperature=args["temperature"], top_k=args["top_k"],
-                                  top_p=args["top_p"], seed=args["seed"])
+        loop, queued = asyncio.get_running_loop(), asyncio.Queue()
+        request = served.engine.submit(GenerationRequest(
+            prompt=prompt, max_tokens=args["max_tokens"],
+            sampler=Sampler(temperature=args["temperature"], top_k=args["top_k"], top_p=args["top_p"],
+                            seed=args["seed"]),
+            deliver=lambda item: loop.call_soon_threadsafe(queued.put_nowait, item)))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
         async def events():
-            loop = asyncio.get_running_loop()
-            while True:
-                token = await loop.run_in_executor(None, next, tokens, None)
-                if token is None:
-                    break
-                text = decoder.decode(bytes([token]))
-                yield f"data: {json.dumps({'token': token, 'text': text})}\n\n"
-            yield "data: [DONE]\n\n"
+            try:
+                while (token := await queued.get()) is not None:
+                    text = decoder.decode(bytes([token]))
+                    yield f"data: {json.dumps({'token': token, 'text': text})}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:  # a client that went away frees its slot
+                request.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    def find_generative(name: Any) -> ServedModel:
+        if name not in models:
+            raise OpenAIError(404, f"The model {name!r} does not exist; this server has {sorted(models)}", "model",
+                              "model_not_found")
+        served = models[name][max(models[name])]
+        if served.engine is None:
+            raise OpenAIError(400, f"The model {name!r} has no decode step; completions need a GPT exported with one "
+                                   "(lepton-jax export --recipe gpt)", "model")
+        return served
+
+    async def completions(request: Request) -> Response:
+        name = "?"
+        try:
+            try:
+                payload = await _read_json(request, max_body_bytes)
+            except BadRequest as error:
+                raise OpenAIError(error.status, str(error)) from None
+            name = payload.get("model") if isinstance(payload, dict) and isinstance(payload.get("model"), str) else "?"
+            served = find_generative(name)
+            generator = served.model.generator
+            args = parse(payload, vocab_size=generator.vocab_size, max_len=generator.max_len,
+                         byte_level=generator.spec.get("tokenizer", "bytes") == "bytes")
+            response = await complete(args, served.engine)
+        except OpenAIError as error:
+            response = error.response()
+        requests_total.labels(model=name, code=str(response.status_code)).inc()
+        return response
+
+    async def list_models(request: Request) -> Response:
+        data = [{"id": name, "object": "model", "created": int(os.path.getmtime(versions[max(versions)].model.path)),
+                 "owned_by": "lepton_jax"} for name, versions in sorted(models.items())
+                if versions[max(versions)].engine is not None]
+        return JSONResponse({"object": "list", "data": data})
 
     async def model_status(request: Request) -> Response:
         try:
@@ -187,14 +269,20 @@ def create_app(model_dirs: Sequence[str | os.PathLike], *, max_batch: int = 64, 
         for versions in models.values():
             for served in versions.values():
                 served.batcher.start()
+                if served.engine is not None:
+                    served.engine.start()
         yield
         for versions in models.values():  # drain: every queued request is answered
             for served in versions.values():
                 await served.batcher.stop()
+                if served.engine is not None:
+                    await asyncio.get_running_loop().run_in_executor(None, served.engine.stop)
 
     routes = [
         Route("/healthz", health),
         Route("/metrics", metrics),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/models", list_models),
         Route("/v1/models/{name}:predict", predict, methods=["POST"]),
         Route("/v1/models/{name}/versions/{version}:predict", predict, methods=["POST"]),
         Route("/v1/models/{name}:generate", generate, methods=["POST"]),
