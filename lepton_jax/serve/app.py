@@ -14,6 +14,8 @@ Routes (``name`` is a model directory's base name):
   is drawn (KV cache), then ``[DONE]``.
 - ``GET /v1/models/{name}`` (and ``/versions/{v}``): status, versions, the
   default version and the signature.
+- The Open Inference Protocol (KServe v2 REST, binary tensors too) under
+  ``/v2`` (``serve.v2``).
 - ``POST /v1/completions``, ``GET /v1/models``: OpenAI-compatible
   completions for the models with a decode step (``serve.completions``).
 - ``GET /healthz``; ``GET /metrics`` (Prometheus text: requests by model and
@@ -42,6 +44,7 @@ import time
 from typing import Any, Sequence
 
 import numpy as np
+import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -50,9 +53,11 @@ from starlette.routing import Route
 
 from lepton_jax.export import loader
 from lepton_jax.sampling import Sampler
+from lepton_jax.serve import v2
 from lepton_jax.serve.batcher import DynamicBatcher, bucket_sizes
 from lepton_jax.serve.completions import OpenAIError, complete, parse
 from lepton_jax.serve.engine import ContinuousBatcher, Request as GenerationRequest
+from lepton_jax.serve.errors import BadRequest, read_body
 
 DEFAULT_MAX_BODY_BYTES = 16 << 20
 
@@ -73,14 +78,6 @@ class ServedModel:
 
     def status(self) -> dict[str, Any]:
         return {"version": str(self.version), "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
-
-
-class BadRequest(Exception):
-    """A client error: ``status`` and a message naming what was wrong."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def create_app(model_dirs: Sequence[str | os.PathLike], *, max_batch: int = 64, max_wait_ms: float = 5.0,
@@ -289,6 +286,8 @@ def create_app(model_dirs: Sequence[str | os.PathLike], *, max_batch: int = 64, 
         Route("/v1/models/{name}/versions/{version}:generate", generate, methods=["POST"]),
         Route("/v1/models/{name}", model_status),
         Route("/v1/models/{name}/versions/{version}", model_status),
+        *v2.routes(find, lambda served, arrays: served.batcher.submit(arrays), lambda: models, max_body_bytes,
+                   lambda name, code: requests_total.labels(model=name, code=str(code)).inc()),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.models = models
@@ -296,17 +295,10 @@ def create_app(model_dirs: Sequence[str | os.PathLike], *, max_batch: int = 64, 
 
 
 async def _read_json(request: Request, limit: int) -> Any:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BadRequest(413, f"request body of {int(declared):,} bytes is over the limit of {limit:,}")
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise BadRequest(413, f"request body is over the limit of {limit:,} bytes")
+    body = await read_body(request, limit)
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as error:
         raise BadRequest(400, f"malformed JSON body: {error}") from None
 
 
