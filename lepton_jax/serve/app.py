@@ -163,7 +163,7 @@ def create_app(model_dirs: Sequence[str | os.PathLike], *, max_batch: int = 64, 
             served = find(name, request.path_params.get("version"))
             arrays = served.model.prepare(*_instances_to_arrays(await _read_json(request, max_body_bytes), served))
             outputs = await served.batcher.submit(arrays)
-            response = JSONResponse({"predictions": _outputs_to_predictions(outputs, served)})
+            response = Response(_predictions_json(outputs, served), media_type="application/json")
         except BadRequest as error:
             response = JSONResponse({"error": str(error)}, status_code=error.status)
         except ValueError as error:  # shape, dtype or size checks of the signature and the batcher
@@ -352,10 +352,24 @@ def _instances_to_arrays(payload: Any, served: ServedModel) -> list[np.ndarray]:
     return arrays
 
 
-def _outputs_to_predictions(outputs: Any, served: ServedModel) -> list[Any]:
+def _predictions_json(outputs: Any, served: ServedModel) -> bytes:
+    """``{"predictions": ...}`` as JSON bytes: orjson writes the arrays
+    directly (no Python lists) unless a value is not finite."""
     import jax
 
     leaves = [np.asarray(x) for x in jax.tree.leaves(outputs)]
+    if all(x.dtype.kind != "f" or np.isfinite(x).all() for x in leaves):
+        if len(leaves) == 1:
+            predictions: Any = leaves[0]
+        else:  # one object per row: {output name: that row's values}
+            names = [spec["name"] for spec in served.model.signature["outputs"]]
+            predictions = [dict(zip(names, rows)) for rows in zip(*leaves)]
+        with contextlib.suppress(orjson.JSONEncodeError):  # e.g. bfloat16, which orjson does not write
+            return orjson.dumps({"predictions": predictions}, option=orjson.OPT_SERIALIZE_NUMPY)
+    return orjson.dumps({"predictions": _outputs_to_predictions(leaves, served)})
+
+
+def _outputs_to_predictions(leaves: list[np.ndarray], served: ServedModel) -> list[Any]:
     if len(leaves) == 1:
         return [_finite_json(row.tolist()) for row in leaves[0]]
     names = [spec["name"] for spec in served.model.signature["outputs"]]
