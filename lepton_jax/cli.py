@@ -121,7 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     export.add_argument("--out", required=True, help="model directory; a new version folder is added")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     export.add_argument("--quantize", choices=("int8", "int8_weight"), default=None,
-                        help="post-training int8 quantization (weights and activations, or weights only)")
+                        help="post-training int8 quantization (weights and activations, or weights only; with "
+                             "--format onnx, int8 is ONNX Runtime's dynamic quantization)")
+    export.add_argument("--format", choices=("jax", "onnx"), default="jax",
+                        help="jax: a versioned jax.export model directory; onnx: an .onnx file for edge runtimes")
     serve = commands.add_parser("serve", help="serve exported model directories over HTTP (KServe v1 REST)")
     serve.add_argument("model_dirs", nargs="+", help="model directories written by lepton-jax export")
     serve.add_argument("--host", default="127.0.0.1")
@@ -167,10 +170,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "export":
         if rest:
             parser.error(f"export: unrecognized arguments {rest}")
-        from lepton_jax.export import export_recipe
+        from lepton_jax.export import export_recipe, export_recipe_onnx
 
         try:
-            print(export_recipe(args.recipe, args.ckpt, args.out, step=args.step, quantize=args.quantize))
+            if args.format == "onnx":
+                print(export_recipe_onnx(args.recipe, args.ckpt, args.out, step=args.step, quantize=args.quantize))
+            else:
+                print(export_recipe(args.recipe, args.ckpt, args.out, step=args.step, quantize=args.quantize))
         except (FileNotFoundError, ValueError) as error:
             print(f"lepton-jax export: {error}", file=sys.stderr)
             return 1

@@ -36,22 +36,7 @@ def export_recipe(recipe: str, ckpt_dir: str | os.PathLike, out_dir: str | os.Pa
     Returns:
       The path of the written version directory.
     """
-    try:
-        spec = registry.get(recipe)
-    except ValueError as error:
-        raise ValueError(f"export_recipe: {error}") from None
-    if spec.export is None:
-        raise ValueError(f"export_recipe: recipe {recipe!r} registers no export")
-    from lepton_jax import checkpoint  # lazy: orbax is only needed here, not to load an export
-
-    ckpt_dir = checkpoint.paths.checkpoint_dir(ckpt_dir, where="export_recipe")
-    with checkpoint.CheckpointManager(ckpt_dir, async_save=False) as manager:
-        step = checkpoint.paths.resolve_step(manager.all_steps(), step, ckpt_dir, where="export_recipe")
-        extra, metrics = manager.extra(step), manager.metrics(step)
-        if not isinstance(extra.get("config"), dict):
-            raise ValueError(f"export_recipe: the checkpoint in {ckpt_dir} has no recipe config (extra['config']); "
-                             f"was it written by the {recipe!r} recipe? extra keys: {sorted(extra)}")
-        parts = spec.export(manager, step, extra["config"])
+    parts, ckpt_dir, step, metrics = _recipe_parts(recipe, ckpt_dir, step, "export_recipe")
     apply_fn, variables, model = parts.apply_fn, parts.variables, parts.model
     quantized = None
     if quantize is not None:
@@ -71,6 +56,54 @@ def export_recipe(recipe: str, ckpt_dir: str | os.PathLike, out_dir: str | os.Pa
         else:  # the same int8 weights and static scales, stored flat in params.npz
             export_decoder(path, quantized.model, variables, platforms=platforms,
                            tokenizer=parts.decoder, rebuild=quantized.flat_variables()[1])
+    return path
+
+
+def _recipe_parts(recipe: str, ckpt_dir: str | os.PathLike, step: int | None,
+                  where: str) -> tuple[registry.ExportParts, str, int, dict]:
+    """The recipe's ``ExportParts`` for a checkpoint step, with the resolved directory, step and metrics."""
+    try:
+        spec = registry.get(recipe)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    if spec.export is None:
+        raise ValueError(f"{where}: recipe {recipe!r} registers no export")
+    from lepton_jax import checkpoint  # lazy: orbax is only needed here, not to load an export
+
+    ckpt_dir = checkpoint.paths.checkpoint_dir(ckpt_dir, where=where)
+    with checkpoint.CheckpointManager(ckpt_dir, async_save=False) as manager:
+        step = checkpoint.paths.resolve_step(manager.all_steps(), step, ckpt_dir, where=where)
+        extra, metrics = manager.extra(step), manager.metrics(step)
+        if not isinstance(extra.get("config"), dict):
+            raise ValueError(f"{where}: the checkpoint in {ckpt_dir} has no recipe config (extra['config']); "
+                             f"was it written by the {recipe!r} recipe? extra keys: {sorted(extra)}")
+        parts = spec.export(manager, step, extra["config"])
+    return parts, ckpt_dir, step, metrics
+
+
+def export_recipe_onnx(recipe: str, ckpt_dir: str | os.PathLike, out: str | os.PathLike, step: int | None = None,
+                       *, quantize: str | None = None) -> str:
+    """A recipe's checkpoint as an ONNX file (``export.onnx.to_onnx``): raw
+    inputs (the preprocessing is in the graph), a dynamic batch axis.
+
+    ``out``: a ``.onnx`` path, or a directory that gets ``model.onnx``.
+    ``quantize="int8"``: also ONNX Runtime's dynamic int8 quantization,
+    written beside it as ``*-int8.onnx`` (whose path is returned).
+    """
+    from lepton_jax.export import onnx as onnx_export
+
+    if quantize not in (None, "int8"):
+        raise ValueError(f"export_recipe_onnx: quantize must be None or 'int8' for ONNX, got {quantize!r}")
+    parts, _, _, _ = _recipe_parts(recipe, ckpt_dir, step, "export_recipe_onnx")
+    out = os.fspath(out)
+    path = out if out.endswith(".onnx") else os.path.join(out, "model.onnx")
+    if os.path.exists(path):
+        raise ValueError(f"export_recipe_onnx: {path} already exists")
+    onnx_export.to_onnx(parts.apply_fn, parts.variables, parts.example_inputs, path, input_names=parts.input_names,
+                        output_names=parts.output_names,
+                        preprocessing=None if parts.preprocessing is None else dict(parts.preprocessing))
+    if quantize == "int8":
+        return onnx_export.quantize_int8(path, path[:-len(".onnx")] + "-int8.onnx")
     return path
 
 
