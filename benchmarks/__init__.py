@@ -10,3 +10,12 @@ def write_result(result: dict, out: str) -> str:
         json.dump(result, f, indent=2)
     print(f"wrote {out}")
     return out
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server the benchmark starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

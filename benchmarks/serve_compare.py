@@ -28,7 +28,6 @@ import datetime
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ import httpx
 import jax
 import numpy as np
 
-from benchmarks import write_result
+from benchmarks import free_port, write_result
 from lepton_jax import models
 from lepton_jax.export import export_model
 
@@ -72,12 +71,6 @@ class Digits(kserve.Model):
 if __name__ == "__main__":
     kserve.ModelServer(http_port=int(sys.argv[2]), enable_grpc=False).start([Digits("digits", sys.argv[1])])
 '''
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def export_digits_cnn(out_dir: str) -> str:
@@ -176,7 +169,7 @@ def main() -> None:
         with open(peer_script, "w") as file:
             file.write(PEER)
         environment = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
-        ours_port, peer_port = _free_port(), _free_port()
+        ours_port, peer_port = free_port(), free_port()
         logs = {name: open(os.path.join(tmp, f"{name}.log"), "w") for name in ("lepton_jax", "kserve")}
         servers = {  # both log to files: a pipe nobody reads would stall a server that logs each request
             "lepton_jax": (f"http://127.0.0.1:{ours_port}", subprocess.Popen(

@@ -20,7 +20,6 @@ import datetime
 import json
 import os
 import platform
-import socket
 import statistics
 import tempfile
 import threading
@@ -31,16 +30,10 @@ import jax
 import numpy as np
 import uvicorn
 
-from benchmarks import write_result
+from benchmarks import free_port, write_result
 from lepton_jax import models
 from lepton_jax.export import export_model
 from lepton_jax.serve import create_app
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _export(root: str) -> str:
@@ -76,7 +69,7 @@ async def _clients(url: str, clients: int, requests: int, timeout: float) -> lis
 def run_once(model_dir: str, *, max_batch: int, max_wait_ms: float, clients: int, requests: int,
              timeout: float) -> dict:
     app = create_app([model_dir], max_batch=max_batch, max_wait_ms=max_wait_ms)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -146,3 +146,28 @@ def tiny_gpt_run() -> SharedRun:
     from recipes import gpt
 
     return shared_run("tiny_gpt", gpt.main, [*GPT_SHORT, "--steps=40"])
+
+
+# A BERT-style WordPiece vocabulary for the encoder tests (convert, embed).
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+BERT_WORDS = ("the a quick brown fox jump over lazy dog cat sat on mat hello world pack my box with five dozen "
+              "liquor jug and is it not very good bad day night".split())
+
+
+@pytest.fixture(scope="session")
+def write_bert_tokenizer() -> Callable[[os.PathLike], None]:
+    """Writes a BERT-style WordPiece ``tokenizer.json`` (lower-casing, ``[CLS] ... [SEP]``) to a path."""
+
+    def write(path) -> None:
+        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+        vocab = {token: i for i, token in enumerate([*BERT_SPECIALS, *BERT_WORDS, "##s", "##ed", "##ing", "."])}
+        tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+        tokenizer.decoder = decoders.WordPiece()
+        tokenizer.save(str(path))
+
+    return write

@@ -27,26 +27,9 @@ transformers = pytest.importorskip("transformers")
 # transformers models built, saved and compared: several seconds each.
 pytestmark = pytest.mark.slow
 
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-WORDS = ("the a quick brown fox jump over lazy dog cat sat on mat hello world pack my box with five dozen "
-         "liquor jug and is it not very good bad day night".split())
 VOCAB = 100
 TEXTS = ["The quick brown fox", "hello world", "the lazy dog sat on the mat with a cat and a fox",
          "zebra jumps", "", "Pack my box with five dozen liquor jugs"]
-
-
-def write_tokenizer(path) -> None:
-    """A BERT-style WordPiece tokenizer.json: lower-casing, [CLS] ... [SEP]."""
-    from tokenizers import Tokenizer, decoders, models as tok_models, normalizers, pre_tokenizers, processors
-
-    vocab = {token: i for i, token in enumerate([*SPECIALS, *WORDS, "##s", "##ed", "##ing", "."])}
-    tokenizer = Tokenizer(tok_models.WordPiece(vocab, unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    tokenizer.decoder = decoders.WordPiece()
-    tokenizer.save(str(path))
 
 
 def hf_config(**overrides):
@@ -56,12 +39,12 @@ def hf_config(**overrides):
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory) -> str:
+def hf_dir(tmp_path_factory, write_bert_tokenizer) -> str:
     """A saved random transformers BertModel with its tokenizer.json."""
     root = tmp_path_factory.mktemp("bert")
     torch.manual_seed(0)
     transformers.BertModel(hf_config()).eval().save_pretrained(root / "bert")
-    write_tokenizer(root / "bert" / "tokenizer.json")
+    write_bert_tokenizer(root / "bert" / "tokenizer.json")
     return str(root / "bert")
 
 

@@ -22,37 +22,20 @@ transformers = pytest.importorskip("transformers")
 # transformers models built, saved and compared: several seconds each.
 pytestmark = pytest.mark.slow
 
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-WORDS = ("the a quick brown fox jump over lazy dog cat sat on mat hello world pack my box with five dozen "
-         "liquor jug and is it not very good bad day night".split())
 # Six texts (one empty) in batches of 4: the second batch is padded to 4 rows.
 TEXTS = ["The quick brown fox", "hello world", "the lazy dog sat on the mat with a cat and a fox", "zebra jumps", "",
          "Pack my box with five dozen liquor jugs"]
 
 
-def _write_tokenizer(path) -> None:
-    """A BERT-style WordPiece tokenizer.json: lower-casing, [CLS] ... [SEP]."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
-    vocab = {token: i for i, token in enumerate([*SPECIALS, *WORDS, "##s", "##ed", "##ing", "."])}
-    tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    tokenizer.decoder = decoders.WordPiece()
-    tokenizer.save(str(path))
-
-
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory) -> str:
+def hf_dir(tmp_path_factory, write_bert_tokenizer) -> str:
     """A saved random transformers BertModel with its tokenizer.json."""
     root = tmp_path_factory.mktemp("bert")
     config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=64, max_position_embeddings=64, initializer_range=0.2)
     torch.manual_seed(0)
     transformers.BertModel(config).eval().save_pretrained(root / "bert")
-    _write_tokenizer(root / "bert" / "tokenizer.json")
+    write_bert_tokenizer(root / "bert" / "tokenizer.json")
     return str(root / "bert")
 
 
