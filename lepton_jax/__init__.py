@@ -15,6 +15,6 @@ from lepton_jax import _lazy
 __version__ = "0.1.0"
 
 SUBPACKAGES = ("checkpoint", "config", "data", "export", "models", "nn", "ops", "optim", "pallas", "parallel",
-               "prune", "quant", "registry", "sampling", "serve", "train", "tune", "convert", "lora")
+               "prune", "quant", "registry", "sampling", "serve", "train", "tune", "convert", "lora", "nnx")
 __getattr__, __dir__ = _lazy.attach(__name__, submodules=SUBPACKAGES)
 __all__ = ["__version__", *SUBPACKAGES]

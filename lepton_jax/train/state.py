@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from lepton_jax.nnx import as_model
 from lepton_jax.train.loss_scale import DynamicLossScale, as_loss_scale
 
 PyTree = Any
@@ -75,7 +76,8 @@ def create_train_state(
     """Initialises a model and its optimizer into a ``TrainState``.
 
     Args:
-      model: a linen module whose ``__call__(x, *, train: bool)`` takes a batch.
+      model: a linen module whose ``__call__(x, *, train: bool)`` takes a batch,
+        or an ``nnx.Module`` (its own parameters; see ``lepton_jax.nnx``).
       tx: the optax transformation used for training.
       example_inputs: a batch (any batch size) with the shape and dtype of the
         real inputs; only its shape and dtype are used.
@@ -89,6 +91,7 @@ def create_train_state(
     """
     if not isinstance(seed, int):
         raise TypeError(f"create_train_state: seed must be an int, got {type(seed).__name__}")
+    model = as_model(model)  # an nnx.Module works too (lepton_jax.nnx)
     scale = as_loss_scale(loss_scale)
     # One compiled program: run eagerly, every initializer and every op of the
     # init forward pass would compile on its own (about twice the time for a

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lepton_jax.nnx import as_model
 from lepton_jax.ops import losses, metrics as metrics_lib
 from lepton_jax.train import loss_scale
 from lepton_jax.train.state import TrainState
@@ -91,6 +92,7 @@ def make_train_step(
     Metrics: ``loss`` (without the penalty), ``grad_norm``, ``penalty`` (with
     a regularizer) and the loss's aux metrics.
     """
+    model = as_model(model)  # an nnx.Module works too (lepton_jax.nnx)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         inputs = _get(batch, input_key, "train_step")
@@ -166,6 +168,7 @@ def make_eval_step(
     counts of ``ops.classification_counts`` under ``"classification"``.
     Accumulate with ``merge_stats`` and finish with ``finalize_stats``.
     """
+    model = as_model(model)  # an nnx.Module works too (lepton_jax.nnx)
 
     def eval_step(state: TrainState, batch: Batch) -> dict[str, Any]:
         inputs = _get(batch, input_key, "eval_step")

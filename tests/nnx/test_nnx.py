@@ -1,0 +1,65 @@
+"""A Flax NNX model, written as the NNX docs write one, trained, evaluated
+and exported through lepton_jax's linen-based machinery."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from lepton_jax import data, train
+from lepton_jax.export import export_model, load
+from lepton_jax.nnx import NNXModel
+from recipes import digits
+
+pytestmark = pytest.mark.slow  # trains a CNN to its accuracy bar
+
+
+class CNN(nnx.Module):
+    """The NNX docs' MNIST CNN, sized for 8x8 digits (BatchNorm and dropout added)."""
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(1, 32, kernel_size=(3, 3), rngs=rngs)
+        self.batch_norm = nnx.BatchNorm(32, rngs=rngs)
+        self.conv2 = nnx.Conv(32, 64, kernel_size=(3, 3), rngs=rngs)
+        self.dropout = nnx.Dropout(0.25, rngs=rngs)
+        self.linear1 = nnx.Linear(2 * 2 * 64, 128, rngs=rngs)
+        self.linear2 = nnx.Linear(128, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.max_pool(nnx.relu(self.batch_norm(self.conv1(x))), window_shape=(2, 2), strides=(2, 2))
+        x = nnx.max_pool(nnx.relu(self.conv2(x)), window_shape=(2, 2), strides=(2, 2))
+        x = self.dropout(nnx.relu(self.linear1(x.reshape(x.shape[0], -1))))
+        return self.linear2(x)
+
+
+def test_an_nnx_cnn_trains_with_fit_and_exports(tmp_path):
+    train_split, _, test_split, _ = digits.load_splits(0)  # the digits recipe's splits, normalized
+    module = CNN(rngs=nnx.Rngs(0))
+    tx = optax.adamw(3e-3)
+    # The nnx.Module itself goes to lepton_jax's state and step builders.
+    state = train.create_train_state(module, tx, train_split["image"][:1], seed=0)
+    assert set(state.model_state) == {"batch_stats"}
+    loss = train.classification_loss()
+    step = train.make_train_step(module, tx, loss, input_key="image")
+    eval_step = train.make_eval_step(module, loss, input_key="image", num_classes=10)
+    result = train.fit(state, step, data.BatchIterator(train_split, 64, seed=0), epochs=12,
+                       hooks=[train.Evaluate(eval_step, test_split, every=None)])
+    accuracy = float(result.eval_metrics["accuracy"])
+    print(f"NNX CNN test accuracy {accuracy:.4f}")
+    assert accuracy >= 0.98, accuracy
+    # BatchNorm's running statistics moved; dropout differed between steps (train mode) but not in eval.
+    initial = NNXModel.wrap(module).init()
+    assert not np.allclose(result.state.model_state["batch_stats"]["batch_norm"]["mean"],
+                           initial["batch_stats"]["batch_norm"]["mean"])
+
+    model = NNXModel.wrap(module)
+    variables = result.state.variables()
+    path = export_model(tmp_path / "nnx_cnn", lambda v, x: model.apply(v, x), variables,
+                        test_split["image"][:1], platforms=("cpu",), output_names=("logits",))
+    served = np.asarray(load(path)(test_split["image"]))
+    np.testing.assert_allclose(served, np.asarray(jax.jit(model.apply)(variables, test_split["image"])),
+                               rtol=1e-5, atol=1e-5)
+    assert (served.argmax(1) == test_split["label"]).mean() == pytest.approx(accuracy)
