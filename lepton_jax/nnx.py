@@ -53,22 +53,32 @@ class NNXModel:
         graphdef, state = nnx.split(module)
         return cls(graphdef, state)
 
-    def _split(self, state: Any) -> dict[str, Any]:
-        """The state's variables by collection (RNG streams stay with the template)."""
+    def _split(self, state: Any, *, boxed: bool = False) -> dict[str, Any]:
+        """The state's variables by collection (RNG streams stay with the template);
+        ``boxed``: parameters with sharding names (``nnx.with_partitioning``)
+        as linen ``LogicallyPartitioned`` boxes, which lepton_jax's rules read."""
         nnx = _nnx()
+        from flax import linen
+
         collections: dict[str, dict] = {}
         for path, variable in nnx.to_flat_state(state):
             if isinstance(variable, nnx.RngState):
                 continue
-            collections.setdefault(_collection(type(variable)), {})[tuple(str(p) for p in path)] = variable.get_value()
+            value = variable.get_value()
+            metadata = variable.get_metadata()
+            names = metadata.get("out_sharding") or metadata.get("sharding_names") or metadata.get("sharding")
+            if boxed and names is not None:
+                value = linen.LogicallyPartitioned(value, tuple(names))
+            collections.setdefault(_collection(type(variable)), {})[tuple(str(p) for p in path)] = value
         from flax import traverse_util
 
         return {name: traverse_util.unflatten_dict(flat) for name, flat in collections.items()}
 
     def init(self, rngs: Any = None, *inputs: Any, **kwargs: Any) -> dict[str, Any]:
-        """The module's variables by collection (``rngs`` and ``inputs`` are not used)."""
+        """The module's variables by collection (``rngs`` and ``inputs`` are not
+        used); parameters with sharding names are boxed (see ``_split``)."""
         del rngs, inputs, kwargs
-        return self._split(self.state)
+        return self._split(self.state, boxed=True)
 
     def apply(self, variables: dict[str, Any], *inputs: Any, train: bool = False, rngs: dict | None = None,
               mutable: bool | str | Sequence[str] = False, **kwargs: Any) -> Any:

@@ -15,6 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lepton_jax.parallel.rules import (
     Rules, batch_sharding, get_rules, opt_state_shardings, param_shardings, restrict_to_mesh)
+from lepton_jax.nnx import as_model
 from lepton_jax.train.loss_scale import as_loss_scale
 from lepton_jax.train.state import TrainState, create_train_state
 from lepton_jax.train.step import LossFn, make_train_step
@@ -39,6 +40,7 @@ def param_logical_axes(model: linen.Module, example_inputs: jax.Array) -> Any:
     """The params tree with each leaf replaced by its logical axis names
     (a ``PartitionSpec`` of names, empty for unannotated leaves); what
     ``CheckpointManager.save(logical_axes=...)`` stores for re-sharding."""
+    model = as_model(model)  # an nnx.Module: its parameters' sharding names
     example = jax.ShapeDtypeStruct(np.shape(example_inputs), np.asarray(example_inputs).dtype)
     boxed = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), example)
     return linen.get_partition_spec(boxed["params"])
@@ -49,6 +51,7 @@ def state_shardings(model: linen.Module, tx: optax.GradientTransformation, examp
     """The ``TrainState`` of shardings the rules give ``model``'s parameters,
     the optimizer state mirroring them, everything else replicated
     (``loss_scale`` as for ``create_train_state``)."""
+    model = as_model(model)  # an nnx.Module: its parameters' sharding names
     example = jax.ShapeDtypeStruct(np.shape(example_inputs), np.asarray(example_inputs).dtype)
     boxed = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), example)
     params_sh = param_shardings(boxed["params"], mesh, rules)

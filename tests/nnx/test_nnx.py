@@ -63,3 +63,72 @@ def test_an_nnx_cnn_trains_with_fit_and_exports(tmp_path):
     np.testing.assert_allclose(served, np.asarray(jax.jit(model.apply)(variables, test_split["image"])),
                                rtol=1e-5, atol=1e-5)
     assert (served.argmax(1) == test_split["label"]).mean() == pytest.approx(accuracy)
+
+
+class MLP(nnx.Module):
+    """Kernels named with logical axes (nnx.with_partitioning), for the sharding rules."""
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        named = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "mlp"))
+        self.hidden = nnx.Linear(64, 128, kernel_init=named, rngs=rngs)
+        self.dropout = nnx.Dropout(0.1, rngs=rngs)
+        self.out = nnx.Linear(128, 10, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(self.dropout(nnx.relu(self.hidden(x.reshape(x.shape[0], -1)))))
+
+
+def _mlp() -> MLP:
+    with nnx.use_eager_sharding(False):  # names kept as metadata; lepton_jax's rules place the arrays
+        return MLP(rngs=nnx.Rngs(0))
+
+
+def test_fsdp_on_8_devices_matches_one_device():
+    from lepton_jax import parallel
+
+    train_split = digits.load_splits(0)[0]
+    batches = [{"image": train_split["image"][i:i + 32], "label": train_split["label"][i:i + 32]}
+               for i in range(0, 96, 32)]
+    tx, loss = optax.adam(1e-2), train.classification_loss()
+    state = train.create_train_state(_mlp(), tx, batches[0]["image"], seed=0)
+    step = train.make_train_step(_mlp(), tx, loss, input_key="image")
+    expected = []
+    for batch in batches:
+        state, metrics = step(state, batch)
+        expected.append(float(metrics["loss"]))
+
+    mesh = parallel.make_mesh({"fsdp": 8})
+    assert tuple(parallel.param_logical_axes(_mlp(), batches[0]["image"])["hidden"]["kernel"]) == ("embed", "mlp")
+    sharded, shardings = parallel.create_sharded_train_state(_mlp(), tx, batches[0]["image"], mesh, "fsdp", seed=0)
+    sharded_step = parallel.make_sharded_train_step(_mlp(), tx, loss, mesh, "fsdp", shardings, input_key="image")
+    losses = []
+    for batch in batches:
+        sharded, metrics = sharded_step(sharded, parallel.shard_batch(batch, mesh, "fsdp"))
+        losses.append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses, expected, rtol=1e-5)
+    kernel = sharded.params["hidden"]["kernel"]
+    assert kernel.sharding.spec[0] == "fsdp" and not kernel.sharding.is_fully_replicated
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5),
+                 sharded.params, state.params)
+
+
+def test_resume_from_a_checkpoint_is_exact(tmp_path):
+    import shutil
+
+    train_split = digits.load_splits(0)[0]
+    tx, loss = optax.adam(3e-3), train.classification_loss()
+
+    def run(out, **checkpoint):
+        module = _mlp()
+        state = train.create_train_state(module, tx, train_split["image"][:1], seed=0)
+        step = train.make_train_step(module, tx, loss, input_key="image")
+        return train.fit(state, step, data.BatchIterator(train_split, 32, seed=0), num_steps=10,
+                         hooks=[train.Checkpoint(str(out), every=5, **checkpoint)])
+
+    whole = run(tmp_path / "whole")
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "10")  # as if stopped after step 5
+    resumed = run(tmp_path / "cut", resume=True)
+    assert resumed.resumed_from == 5
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 resumed.state.params, whole.state.params)
