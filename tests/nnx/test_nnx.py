@@ -63,6 +63,15 @@ def test_an_nnx_cnn_trains_with_fit_and_exports(tmp_path):
     np.testing.assert_allclose(served, np.asarray(jax.jit(model.apply)(variables, test_split["image"])),
                                rtol=1e-5, atol=1e-5)
     assert (served.argmax(1) == test_split["label"]).mean() == pytest.approx(accuracy)
+    # And the server answers from it (the app in process, its lifespan run by the test client).
+    from starlette.testclient import TestClient
+
+    from lepton_jax.serve import create_app
+
+    with TestClient(create_app([str(tmp_path / "nnx_cnn")], max_batch=8)) as client:
+        answer = client.post("/v1/models/nnx_cnn:predict", json={"instances": test_split["image"][:3].tolist()})
+    assert answer.status_code == 200
+    np.testing.assert_allclose(answer.json()["predictions"], served[:3], rtol=1e-5, atol=1e-5)
 
 
 class MLP(nnx.Module):
@@ -83,7 +92,7 @@ def _mlp() -> MLP:
         return MLP(rngs=nnx.Rngs(0))
 
 
-def test_fsdp_on_8_devices_matches_one_device():
+def test_fsdp_on_8_devices_matches_one_device(tmp_path):
     from lepton_jax import parallel
 
     train_split = digits.load_splits(0)[0]
@@ -110,6 +119,17 @@ def test_fsdp_on_8_devices_matches_one_device():
     assert kernel.sharding.spec[0] == "fsdp" and not kernel.sharding.is_fully_replicated
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5),
                  sharded.params, state.params)
+    # Saved under FSDP on 8 devices, restored onto another mesh by the saved logical axes.
+    from lepton_jax import checkpoint
+
+    with checkpoint.CheckpointManager(tmp_path / "ckpt", async_save=False) as manager:
+        manager.save(3, sharded, logical_axes=parallel.param_logical_axes(_mlp(), batches[0]["image"]))
+    other = parallel.make_mesh({"data": 2, "fsdp": 4})
+    restored = checkpoint.restore(tmp_path / "ckpt", mesh=other, rules="fsdp")
+    kernel = restored["params"]["hidden"]["kernel"]
+    assert kernel.sharding.mesh.shape == other.shape and kernel.sharding.spec[0] == "fsdp"
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 restored["params"], sharded.params)
 
 
 def test_resume_from_a_checkpoint_is_exact(tmp_path):
