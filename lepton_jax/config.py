@@ -17,8 +17,9 @@ _FALSE = {"0", "false", "no", "off"}
 def override(config: Any, argv: Sequence[str]) -> Any:
     """Returns ``config`` with the ``--name[=value]`` overrides of ``argv`` applied.
 
-    A bool field given without a value is set to True. Unknown names raise
-    ``ValueError`` listing the known ones.
+    A bool field given without a value is set to True; dashes in a name read
+    as underscores (``--batch-size``). Unknown names raise ``ValueError``
+    listing the known ones.
 
     >>> import dataclasses
     >>> @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,7 @@ def override(config: Any, argv: Sequence[str]) -> Any:
         if not arg.startswith("--"):
             raise ValueError(f"override: expected --name[=value], got {arg!r}")
         name, has_value, value = arg[2:].partition("=")
+        name = name.replace("-", "_")  # --batch-size as --batch_size: field names never hold dashes
         current = get_field(config, name)
         if not has_value:
             next_is_value = i + 1 < len(args) and not args[i + 1].startswith("--")

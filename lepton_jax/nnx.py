@@ -113,16 +113,7 @@ class NNXModel:
 
 def as_model(model: Any) -> Any:
     """``model`` itself, or an ``NNXModel`` for an ``nnx.Module``."""
-    if _is_nnx(model):
-        return NNXModel.wrap(model)
-    return model
-
-
-def _is_nnx(model: Any) -> bool:
-    try:
-        return isinstance(model, _nnx().Module)
-    except ImportError:  # pragma: no cover - flax always ships nnx
-        return False
+    return NNXModel.wrap(model) if isinstance(model, _nnx().Module) else model
 
 
 __all__ = ["NNXModel", "as_model"]

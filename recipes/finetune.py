@@ -194,8 +194,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(__doc__)
         print("Fields:", ", ".join(f"--{f.name}={f.default!r}" for f in dataclasses.fields(RunConfig)))
         return 0
-    argv = [a.replace("--lora-", "--lora_").replace("--base-dtype", "--base_dtype").replace("--export-hf", "--export_hf")
-            .replace("--batch-size", "--batch_size").replace("--seq-len", "--seq_len") for a in argv]
     try:
         train_run(config_lib.override(RunConfig(), argv))
     except (FileNotFoundError, ValueError, KeyError, TypeError) as error:

@@ -36,3 +36,16 @@ def test_bad_overrides_raise():
         config.override(Outer(), ["width=3"])
     with pytest.raises(ValueError, match="--name needs a value"):
         config.override(Outer(), ["--name"])
+
+
+def test_dashes_in_override_names_read_as_underscores():
+    import dataclasses
+
+    from lepton_jax import config as config_lib
+
+    @dataclasses.dataclass(frozen=True)
+    class Run:
+        batch_size: int = 1
+        base_dtype: str = "float32"
+
+    assert config_lib.override(Run(), ["--batch-size", "8", "--base-dtype=int8"]) == Run(batch_size=8, base_dtype="int8")

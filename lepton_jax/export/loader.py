@@ -160,11 +160,17 @@ class Generator:
     def __init__(self, decoder: jax.export.Exported, params: Any, spec: Mapping[str, Any], device: jax.Device) -> None:
         self.spec, self.params, self.device = spec, params, device
         self.max_len, self.vocab_size = int(spec["max_len"]), int(spec["vocab_size"])
-        self._step = jax.jit(decoder.call)
+        self._decode = jax.jit(decoder.call)
 
-    def _empty_cache(self) -> list[jax.Array]:
-        return [jax.device_put(np.zeros([1 if d == BATCH_SYMBOL else d for d in leaf["shape"]],
+    def empty_cache(self, batch: int = 1) -> list[jax.Array]:
+        """A zeroed KV cache for ``batch`` rows, as the decode step takes it (leaves in ``spec["cache"]`` order)."""
+        return [jax.device_put(np.zeros([batch if d == BATCH_SYMBOL else d for d in leaf["shape"]],
                                         numpy_dtype(leaf["dtype"])), self.device) for leaf in self.spec["cache"]]
+
+    def step(self, tokens_Bx1: np.ndarray, cache: Sequence[jax.Array]) -> tuple[jax.Array, list[jax.Array]]:
+        """One decode step: ``(logits [B, vocab], updated cache)`` for one token per row."""
+        logits, *cache = self._decode(self.params, tokens_Bx1, *cache)
+        return logits, cache
 
     def check(self, prompt: Sequence[int], max_tokens: int, temperature: float, top_k: int,
               top_p: float = 1.0) -> None:
@@ -186,14 +192,14 @@ class Generator:
         the same seed gives the same tokens as ``models.generate``."""
         self.check(prompt, max_tokens, temperature, top_k, top_p)
         sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        cache = self._empty_cache()
+        cache = self.empty_cache()
         logits = None
         for token in prompt:
-            logits, *cache = self._step(self.params, np.array([[token]], np.int32), *cache)
+            logits, cache = self.step(np.array([[token]], np.int32), cache)
         for _ in range(max_tokens):
             token = int(sampler(logits)[0])  # logits [1, V]
             yield token
-            logits, *cache = self._step(self.params, np.array([[token]], np.int32), *cache)
+            logits, cache = self.step(np.array([[token]], np.int32), cache)
 
 
 def load(model_dir: str | os.PathLike, version: int | None = None, *, platform: str | None = None) -> LoadedModel:

@@ -184,7 +184,13 @@ def create_app(model_dirs: Sequence[str | os.PathLike], *, max_batch: int = 64, 
             prompt = list(args.pop("prompt").encode("utf-8"))
             if args["max_tokens"] is None:  # default: up to 64, within the model's context
                 args["max_tokens"] = max(1, min(64, generator.max_len - len(prompt)))
-            generator.check(prompt, args["max_tokens"], args["temperature"], args["top_k"], args["top_p"])
+            loop, queued = asyncio.get_running_loop(), asyncio.Queue()
+            # The sampler and submit check every argument (a ValueError names the bad one).
+            request = served.engine.submit(GenerationRequest(
+                prompt=prompt, max_tokens=args["max_tokens"],
+                sampler=Sampler(temperature=args["temperature"], top_k=args["top_k"], top_p=args["top_p"],
+                                seed=args["seed"]),
+                deliver=lambda item: loop.call_soon_threadsafe(queued.put_nowait, item)))
         except BadRequest as error:
             requests_total.labels(model=name, code=str(error.status)).inc()
             return JSONResponse({"error": str(error)}, status_code=error.status)
@@ -192,12 +198,6 @@ def create_app(model_dirs: Sequence[str | os.PathLike], *, max_batch: int = 64, 
             requests_total.labels(model=name, code="400").inc()
             return JSONResponse({"error": str(error)}, status_code=400)
         requests_total.labels(model=name, code="200").inc()
-        loop, queued = asyncio.get_running_loop(), asyncio.Queue()
-        request = served.engine.submit(GenerationRequest(
-            prompt=prompt, max_tokens=args["max_tokens"],
-            sampler=Sampler(temperature=args["temperature"], top_k=args["top_k"], top_p=args["top_p"],
-                            seed=args["seed"]),
-            deliver=lambda item: loop.call_soon_threadsafe(queued.put_nowait, item)))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
         async def events():

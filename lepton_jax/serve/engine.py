@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lepton_jax.export.loader import BATCH_SYMBOL, Generator, numpy_dtype
+from lepton_jax.export.loader import Generator
 from lepton_jax.sampling import Sampler
 
 _DONE = object()
@@ -93,11 +93,8 @@ class ContinuousBatcher:
         self._stopping = False
         self.steps = 0  # decode steps run so far
         self._thread: threading.Thread | None = None
-        cache_specs = generator.spec["cache"]
-        self._index_leaf = next(i for i, leaf in enumerate(cache_specs) if leaf["path"].endswith("index"))
-        self._cache = [jax.device_put(np.zeros([slots if d == BATCH_SYMBOL else d for d in leaf["shape"]],
-                                               numpy_dtype(leaf["dtype"])), generator.device)
-                       for leaf in cache_specs]
+        self._index_leaf = next(i for i, leaf in enumerate(generator.spec["cache"]) if leaf["path"].endswith("index"))
+        self._cache = generator.empty_cache(slots)
 
     # -- the caller's side ------------------------------------------------------
 
@@ -121,7 +118,7 @@ class ContinuousBatcher:
 
     def warm_up(self) -> None:
         """Compiles the decode step for the slots (and the sampler) before the first request."""
-        logits, *_ = self.generator._step(self.generator.params, np.zeros((self.slots, 1), np.int32), *self._cache)
+        logits, _ = self.generator.step(np.zeros((self.slots, 1), np.int32), self._cache)
         Sampler(temperature=0.0)(np.asarray(logits)[:1])
         Sampler(temperature=1.0)(np.asarray(logits)[:1])
 
@@ -177,7 +174,7 @@ class ContinuousBatcher:
                 if request is not None:
                     prompt = request.prompt
                     tokens[slot, 0] = prompt[request._fed] if request._fed < len(prompt) else request.generated[-1]
-            logits, *self._cache = self.generator._step(self.generator.params, tokens, *self._cache)
+            logits, self._cache = self.generator.step(tokens, self._cache)
             logits = np.asarray(logits)
             self.steps += 1
             new_tokens = 0

@@ -91,6 +91,18 @@ def test_gpt_forward_pass(positions, tmp_path):
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_bad_arguments_name_what_is_wrong(tmp_path):
+    example = np.zeros((1, 3), np.float32)
+    with pytest.raises(ValueError, match=r"1 example inputs but input_names \('a', 'b'\)"):
+        to_onnx(lambda v, x: x, {}, example, tmp_path / "x.onnx", input_names=("a", "b"))
+    with pytest.raises(ValueError, match=r"2 outputs but output_names \('outputs',\)"):
+        to_onnx(lambda v, x: (x, x), {}, example, tmp_path / "x.onnx")
+    with pytest.raises(ValueError, match="unknown preprocessing op 'resize'"):
+        to_onnx(lambda v, x: x, {}, example, tmp_path / "x.onnx", preprocessing={"resize": {}})
+    with pytest.raises(ValueError, match="has a dimension of 7"):
+        to_onnx(lambda v, x: x, {}, np.zeros((1, 7), np.float32), tmp_path / "x.onnx")
+
+
 def test_an_untranslated_primitive_is_named(tmp_path):
     model = models.LSTMClassifier(features=8)
     example = np.zeros((1, 8, 8, 1), np.float32)

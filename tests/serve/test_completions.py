@@ -143,6 +143,8 @@ def test_a_short_request_joins_mid_flight_and_leaves_before_a_long_one(gpt):
 
     _, model, params = gpt
     generator = loader.load(gpt[0].model_dir).generator
+    with pytest.raises(ValueError, match="slots must be an int >= 1, got 0"):
+        ContinuousBatcher(generator, slots=0)
     engine = ContinuousBatcher(generator, slots=2)
     engine.start()
     try:
