@@ -3,12 +3,20 @@
     python -m recipes.gpt --config tiny                       # CPU: stdlib sources, a few minutes
     python -m recipes.gpt --config gpt2-124m --dtype bfloat16 --mesh data=-1,fsdp=8 --rules fsdp
     python -m recipes.gpt --config tiny --generate "def main(" # sample from the latest checkpoint
+    python -m recipes.gpt --config tiny --mesh stage=2,data=2,fsdp=2 --microbatches 4   # pipeline
+    python -m recipes.gpt --config tiny --mesh seq=4,data=2                             # context parallel
 
 Data: bytes of the files in ``--data`` (comma-separated files/directories) or,
 by default, the Python standard library's sources; the last 5% is held out
 and validation loss is reported in bits per byte. The mesh and rules are
 printed at start; checkpoints, ``metrics.jsonl``, TensorBoard events and a
 plot go to ``--out``; ``--resume`` continues exactly.
+
+A ``stage`` mesh axis runs the blocks as a pipeline of that many stages
+(``--microbatches M``, ``--repeats R`` for the circular schedule, ``--remat``
+per stage); the analytic bubble is printed and saved. A ``seq`` axis splits
+the sequence (ring attention). Both need no other flag: every rules preset
+maps the sequence and the stacked layers to those axes.
 """
 
 from __future__ import annotations
@@ -59,6 +67,9 @@ class RunConfig:
     fused_loss: bool = True
     mesh: str = "data=-1"
     rules: str = "data"
+    microbatches: int = 1  # pipeline microbatches (a ``stage`` mesh axis)
+    repeats: int = 1  # pipeline repeats per stage (circular schedule)
+    remat: bool = False  # rematerialise in the backward pass (per stage in a pipeline)
     out: str = "runs/gpt"
     resume: bool = False
     eval_every: int = 100
@@ -89,6 +100,32 @@ def flops_per_token(model_config: models.GPTConfig, num_params: int, seq_len: in
     return 6 * num_params + 12 * c.num_layers * c.num_heads * c.head_dim * seq_len
 
 
+def check_layout(run: RunConfig, model_config: models.GPTConfig, mesh) -> str:
+    """Refuses, before anything compiles, a pipeline or context-parallel layout the
+    model and batch cannot take; returns a line describing it ("" for neither)."""
+    lines = []
+    data_ways = math.prod(mesh.shape.get(a, 1) for a in ("data", "fsdp"))
+    if run.batch_size % data_ways:
+        raise ValueError(f"gpt: batch {run.batch_size} does not divide over the data axes ({data_ways} ways) of "
+                         f"--mesh {run.mesh}")
+    stages = mesh.shape.get("stage", 1)
+    if stages > 1:
+        models.pipeline.check_pipeline(num_layers=model_config.num_layers, stages=stages, repeats=run.repeats,
+                                       microbatches=run.microbatches, batch=run.batch_size, data_ways=data_ways)
+        bubble = models.pipeline.bubble_fraction(stages, run.microbatches, run.repeats)
+        lines.append(f"pipeline: {stages} stages x {run.repeats} repeat(s) of "
+                     f"{model_config.num_layers // (stages * run.repeats)} layer(s), {run.microbatches} microbatches "
+                     f"of {run.batch_size // run.microbatches}: bubble (idle fraction, analytic) {bubble:.1%}")
+    context = mesh.shape.get("seq", 1)
+    if context > 1:
+        if run.seq_len % context:
+            raise ValueError(f"gpt: the sequence length {run.seq_len} does not divide over the seq axis ({context}) "
+                             f"of --mesh {run.mesh}")
+        lines.append(f"context parallel: the {run.seq_len} positions split over seq={context} "
+                     f"({run.seq_len // context} per device), ring attention")
+    return "\n".join(lines)
+
+
 def build(run: RunConfig):
     if run.config not in MODEL_CONFIGS:
         raise ValueError(f"gpt: --config must be one of {sorted(MODEL_CONFIGS)}, got {run.config!r}")
@@ -104,9 +141,15 @@ def build(run: RunConfig):
         seq, vocab_size = pack["seq_len"] - 1, pack["vocab_size"]
     run = dataclasses.replace(run, batch_size=run.batch_size or batch, seq_len=run.seq_len or seq,
                               steps=run.steps or steps, learning_rate=run.learning_rate or lr)
-    model_config = dataclasses.replace(MODEL_CONFIGS[run.config], dtype=jnp.dtype(run.dtype), fused_loss=run.fused_loss,
-                                       max_len=max(MODEL_CONFIGS[run.config].max_len, run.seq_len),
-                                       vocab_size=vocab_size)
+    pipelined = parse_mesh(run.mesh).get("stage", 1) != 1
+    if not pipelined and (run.microbatches != 1 or run.repeats != 1):
+        raise ValueError(f"gpt: --microbatches {run.microbatches} and --repeats {run.repeats} need a pipeline: "
+                         f"a stage axis in --mesh (e.g. stage=2,data=-1), got --mesh {run.mesh!r}")
+    base = MODEL_CONFIGS[run.config]
+    model_config = dataclasses.replace(base, dtype=jnp.dtype(run.dtype), fused_loss=run.fused_loss,
+                                       max_len=max(base.max_len, run.seq_len), vocab_size=vocab_size,
+                                       remat=base.remat or run.remat, scan_layers=pipelined,
+                                       pipeline_microbatches=run.microbatches, pipeline_repeats=run.repeats)
     schedule = optim.ScheduleConfig(name="cosine", peak_lr=run.learning_rate,
                                     warmup_steps=min(warmup, run.steps // 5), total_steps=run.steps,
                                     end_lr=run.learning_rate / 10)
@@ -144,6 +187,9 @@ def train_run(run: RunConfig, extra_hooks: Sequence[train.Hook] = ()) -> dict:
     rules = parallel.get_rules(run.rules)
     print(f"{parallel.describe_mesh(mesh)} | rules {run.rules}: "
           + ", ".join(f"{name}->{target}" for name, target in parallel.restrict_to_mesh(rules, mesh)))
+    layout = check_layout(run, model.config, mesh)
+    if layout:
+        print(layout)
     example = np.zeros((run.batch_size, run.seq_len), np.int32)
     state, shardings = parallel.create_sharded_train_state(
         model, tx, example, mesh, rules, seed=run.seed, loss_scale="dynamic" if run.dtype == "float16" else None)
@@ -180,6 +226,8 @@ def train_run(run: RunConfig, extra_hooks: Sequence[train.Hook] = ()) -> dict:
     summary = {"config": run.config, "steps": int(result.state.step), "val_bits_per_byte": bpb,
                "train_seconds": seconds, "num_params": num_params, "resumed_from": result.resumed_from,
                "preempted": result.preempted, "stop_reason": result.stop_reason,
+               "pipeline_bubble": (models.pipeline.bubble_fraction(mesh.shape["stage"], run.microbatches, run.repeats)
+                                   if mesh.shape.get("stage", 1) > 1 else None),
                "val_metrics": {k: float(v) for k, v in result.eval_metrics.items() if np.ndim(v) == 0}}
     with open(os.path.join(run.out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
@@ -187,9 +235,18 @@ def train_run(run: RunConfig, extra_hooks: Sequence[train.Hook] = ()) -> dict:
     return summary
 
 
+def _per_layer(params: dict, model: models.GPT) -> tuple[dict, models.GPT]:
+    """Decoding and export take per-layer parameters: a pipeline run's stacked
+    ``blocks`` are split back into ``block_i``."""
+    if "blocks" in params:
+        params = models.unstack_layers(params)
+    return params, model.clone(config=dataclasses.replace(model.config, scan_layers=False))
+
+
 def generate_run(run: RunConfig) -> str:
     run, model, _ = build(run)
     params = checkpoint.restore(os.path.join(run.out, "checkpoints"), params_only=True)  # the latest step
+    params, model = _per_layer(params, model)
     tokenizer = data.pack_tokenizer(run.data) if data.is_pack(run.data) else None
     vocabulary = params["embedding"].shape[0]
     if tokenizer is not None and tokenizer.vocab_size > vocabulary:
@@ -229,7 +286,7 @@ def export(manager: checkpoint.CheckpointManager, step: int, config: dict) -> re
     # an artifact lowered for several platforms needs the portable XLA path.
     model = model.clone(config=dataclasses.replace(model.config, attention_implementation="xla",
                                                    norm_implementation="xla"))
-    params = manager.restore(step, params_only=True)
+    params, model = _per_layer(manager.restore(step, params_only=True), model)
 
     def gpt_logits(variables, tokens_BxS):
         return model.apply(variables, tokens_BxS, train=False)

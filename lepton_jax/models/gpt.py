@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from lepton_jax import nn, ops
+from lepton_jax.models import pipeline as pipeline_lib
 from lepton_jax.nn._checks import cast
 from lepton_jax.sampling import Sampler
 
@@ -78,6 +79,15 @@ class GPTConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     head_size: int = 0  # 0: d_model // num_heads
+    # Stack the blocks' parameters on a leading ``layers`` axis (``params["blocks"]``)
+    # and run them with ``lax.scan``; needed for pipeline parallelism. When the
+    # rules put ``layers``/``stages`` on a mesh axis of size N > 1 (``stage``),
+    # the blocks run as a pipeline of N stages (``models.pipeline``):
+    # ``pipeline_microbatches`` M, ``pipeline_repeats`` R (circular when > 1),
+    # and ``remat`` then rematerialises per stage.
+    scan_layers: bool = False
+    pipeline_microbatches: int = 1
+    pipeline_repeats: int = 1
 
     @property
     def kv_heads(self) -> int:
@@ -142,6 +152,10 @@ class AttentionCore(linen.Module):
 
     @linen.compact
     def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, **kwargs: Any) -> jax.Array:
+        # The rules put the sequence on a mesh axis (context parallelism): ring attention over it.
+        # (Initialisation traces a batch of one: no ring needed for shapes.)
+        if q.shape[1] == k.shape[1] and not self.is_initializing() and ops.sequence_axis() is not None:
+            return ops.sequence_parallel_attention(q, k, v, **kwargs)
         return ops.attention(q, k, v, **kwargs)
 
 
@@ -271,9 +285,15 @@ class GPT(linen.Module):
             positions_SxE = _param(self, "positions", (c.max_len, c.d_model), (None, "embed"))
             x_BxSxE = x_BxSxE + jnp.take(positions_SxE, positions_BxS, axis=0)
         x_BxSxE = _constrain(x_BxSxE.astype(c.dtype))
-        block = linen.remat(Block, static_argnums=(3,)) if c.remat else Block
-        for i in range(c.num_layers):
-            x_BxSxE = block(c, name=f"block_{i}")(x_BxSxE, positions_BxS, decode, segment_ids)
+        if c.scan_layers:
+            if decode:
+                raise ValueError("GPT: decode needs per-layer parameters; convert stacked ones with "
+                                 "models.unstack_layers(params) and a config with scan_layers=False")
+            x_BxSxE = self._stacked_blocks(x_BxSxE, positions_BxS, segment_ids)
+        else:
+            block = linen.remat(Block, static_argnums=(3,)) if c.remat else Block
+            for i in range(c.num_layers):
+                x_BxSxE = block(c, name=f"block_{i}")(x_BxSxE, positions_BxS, decode, segment_ids)
         x_BxSxE = _Norm(c, name="final_norm")(x_BxSxE)
         if return_hidden:
             return x_BxSxE
@@ -285,6 +305,96 @@ class GPT(linen.Module):
             return LMHead(x_BxSxE, head_ExV.astype(c.dtype))
         logits_BxSxV = jnp.einsum("bse,ev->bsv", x_BxSxE, head_ExV.astype(c.dtype), preferred_element_type=jnp.float32)
         return linen.with_logical_constraint(logits_BxSxV, ("batch", "seq", "vocab"))
+
+
+    def _stacked_blocks(self, x_BxSxE: jax.Array, positions_BxS: jax.Array,
+                        segment_ids: jax.Array | None) -> jax.Array:
+        """The blocks from ``params["blocks"]`` (leaves ``[L, ...]``): a scan over the
+        layers, or a pipeline when the rules put the stacked layers on a mesh axis."""
+        c = self.config
+        blocks = self.param("blocks", _init_stacked_blocks, c, x_BxSxE.shape[1])
+        unbound = Block(c, parent=None)
+
+        def apply_layer(p_layer, x, *segments):
+            return unbound.apply({"params": p_layer}, x, positions_BxS, False, segments[0] if segments else None)
+
+        per_example = () if segment_ids is None else (segment_ids,)
+        axis = pipeline_lib.stage_axis()
+        if axis is not None:
+            return pipeline_lib.pipeline(apply_layer, blocks, x_BxSxE, per_example,
+                                         stages=jax.sharding.get_abstract_mesh().shape[axis],
+                                         microbatches=c.pipeline_microbatches, repeats=c.pipeline_repeats,
+                                         remat=c.remat, spmd_axis_name=axis)
+        layer = jax.checkpoint(apply_layer) if c.remat else apply_layer
+        return jax.lax.scan(lambda x, p: (layer(p, x, *per_example), None), x_BxSxE, blocks)[0]
+
+    @linen.nowrap
+    def init(self, rngs, *args, **kwargs):
+        """As ``linen.Module.init``; with ``scan_layers`` the blocks' parameters are
+        those of the per-layer model from the same ``rngs``, stacked on a leading
+        ``layers`` axis, so both layouts start from the same numbers."""
+        if not self.config.scan_layers:
+            return super().init(rngs, *args, **kwargs)
+        if kwargs.get("decode"):
+            raise ValueError("GPT: decode needs per-layer parameters (scan_layers=False)")
+        per_layer = GPT(dataclasses.replace(self.config, scan_layers=False))
+        variables = dict(per_layer.init(rngs, *args, **kwargs))
+        variables["params"] = stack_layers(variables["params"], self.config.num_layers)
+        return variables
+
+
+def _init_stacked_blocks(rng: jax.Array, config: GPTConfig, seq_len: int) -> Any:
+    """Stacked block parameters drawn layer by layer (``GPT.init`` draws them
+    through the per-layer model instead; this serves other initialisers)."""
+    block = Block(dataclasses.replace(config, scan_layers=False), parent=None)
+    x = jnp.zeros((1, seq_len, config.d_model), config.dtype)
+    init = lambda key: block.init(key, x, jnp.arange(seq_len)[None])["params"]  # noqa: E731
+    names = jax.tree.map(_names, jax.eval_shape(init, rng), is_leaf=_boxed)
+    values = jax.vmap(lambda key: linen.meta.unbox(init(key)))(jax.random.split(rng, config.num_layers))
+    return jax.tree.map(lambda axes, v: linen.LogicallyPartitioned(v, ("layers",) + axes), names, values,
+                        is_leaf=lambda n: isinstance(n, tuple))
+
+
+def _boxed(x: Any) -> bool:
+    return isinstance(x, linen.LogicallyPartitioned)
+
+
+def _names(leaf: Any) -> tuple[str | None, ...]:
+    """A parameter's logical axis names (``None`` per axis when unannotated)."""
+    return tuple(leaf.names) if _boxed(leaf) else (None,) * len(leaf.shape)
+
+
+def stack_layers(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    """Per-layer GPT parameters (``block_0`` ... ``block_{L-1}``) -> stacked
+    (``blocks`` with leaves ``[L, ...]``). A boxed tree (``LogicallyPartitioned``,
+    as ``init`` gives) comes back boxed, every stacked leaf named ``layers`` first."""
+    missing = [f"block_{i}" for i in range(num_layers) if f"block_{i}" not in params]
+    if missing:
+        raise ValueError(f"stack_layers: params have no {missing[0]} (expected block_0..block_{num_layers - 1})")
+    layers = [params[f"block_{i}"] for i in range(num_layers)]
+    any_boxed = any(_boxed(leaf) for leaf in jax.tree.leaves(layers[0], is_leaf=_boxed))
+
+    def stack(*leaves):
+        value = jnp.stack([linen.meta.unbox(leaf) for leaf in leaves])
+        # Boxed trees (from init) name every stacked leaf, norms too, so all follow the stage axis.
+        return linen.LogicallyPartitioned(value, ("layers",) + _names(leaves[0])) if any_boxed else value
+
+    out = {k: v for k, v in params.items() if not (k.startswith("block_") and k[6:].isdigit())}
+    out["blocks"] = jax.tree.map(stack, *layers, is_leaf=_boxed)
+    return out
+
+
+def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Stacked GPT parameters (``blocks``, leaves ``[L, ...]``) -> per-layer
+    (``block_0`` ...), for decoding and export (``scan_layers=False``)."""
+    if "blocks" not in params:
+        raise ValueError(f"unstack_layers: params have no 'blocks' (stacked layers); got keys {sorted(params)}")
+    blocks = params["blocks"]
+    L = jax.tree.leaves(blocks)[0].shape[0]
+    out = {k: v for k, v in params.items() if k != "blocks"}
+    for i in range(L):
+        out[f"block_{i}"] = jax.tree.map(lambda p, i=i: p[i], blocks)
+    return out
 
 
 def lm_loss(outputs: jax.Array | LMHead, batch: Mapping[str, jax.Array], *,

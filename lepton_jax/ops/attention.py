@@ -68,8 +68,9 @@ def _validate(q, k, v, segment_ids, scale):
 
 
 def attention_reference(q, k, v, *, causal: bool = False, q_segment_ids=None, kv_segment_ids=None,
-                        scale: float | None = None) -> jax.Array:
-    """The plain-jnp twin: materialises the ``[B, H, Sq, Skv]`` scores."""
+                        scale: float | None = None, return_lse: bool = False):
+    """The plain-jnp twin: materialises the ``[B, H, Sq, Skv]`` scores (with
+    ``return_lse`` also the rows' log-sum-exp ``[B, Sq, H]``, as ``attention``)."""
     B, Sq, H, D = q.shape
     Skv, K = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -84,11 +85,17 @@ def attention_reference(q, k, v, *, causal: bool = False, q_segment_ids=None, kv
     s_BxKxGxSxT = jnp.where(mask, s_BxKxGxSxT, -jnp.inf)
     # The max only stabilises exp; softmax does not depend on it.
     m = jax.lax.stop_gradient(jnp.max(s_BxKxGxSxT, axis=-1, keepdims=True))
-    p = jnp.exp(s_BxKxGxSxT - jnp.where(jnp.isfinite(m), m, 0.0))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s_BxKxGxSxT - m)
     denominator = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(denominator == 0.0, 1.0, denominator)
+    seen = denominator > 0.0
+    p = p / jnp.where(seen, denominator, 1.0)
     out_BxSxKxGxD = jnp.einsum("bkgst,btkd->bskgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out_BxSxKxGxD.reshape(B, Sq, H, D).astype(q.dtype)
+    out = out_BxSxKxGxD.reshape(B, Sq, H, D).astype(q.dtype)
+    if not return_lse:
+        return out
+    lse_BxKxGxS = jnp.where(seen, m + jnp.log(jnp.where(seen, denominator, 1.0)), -jnp.inf)[..., 0]
+    return out, jnp.transpose(lse_BxKxGxS, (0, 3, 1, 2)).reshape(B, Sq, H)
 
 
 def _cudnn_unsupported(q, k, causal, q_ids) -> str | None:
@@ -116,7 +123,8 @@ def attention(
     scale: float | None = None,
     implementation: str = "auto",
     block_sizes=None,
-) -> jax.Array:
+    return_lse: bool = False,
+):
     """Softmax attention ``softmax(q k^T * scale) v`` per head.
 
     Args:
@@ -127,22 +135,31 @@ def attention(
       scale: default ``1 / sqrt(D)``.
       implementation: "auto", "xla", "pallas" or "cudnn".
       block_sizes: a ``lepton_jax.pallas.BlockSizes`` overriding the table.
+      return_lse: also return each row's log-sum-exp of the scaled, masked
+        scores ``[B, Sq, H]`` fp32 (``-inf`` where a row sees no key),
+        differentiable; what merges attention over key blocks computed apart
+        (``ops.ring_attention``). The cuDNN path does not give it, so "auto"
+        then takes the Pallas kernel.
 
-    Returns ``[B, Sq, H, D]`` in q's dtype.
+    Returns ``[B, Sq, H, D]`` in q's dtype (and the lse with ``return_lse``).
     """
     requested = implementation
     implementation = dispatch.choose("attention", implementation, IMPLEMENTATIONS, AUTO)
     q_ids, kv_ids = _validate(q, k, v, segment_ids, scale)
-    if requested == "auto" and implementation == "cudnn" and _cudnn_unsupported(q, k, causal, q_ids) is not None:
+    if requested == "auto" and implementation == "cudnn" and (
+            return_lse or _cudnn_unsupported(q, k, causal, q_ids) is not None):
         implementation = "pallas"  # the flash kernel serves what cuDNN's fused attention cannot
     if implementation == "xla":
-        return attention_reference(q, k, v, causal=causal, q_segment_ids=q_ids, kv_segment_ids=kv_ids, scale=scale)
+        return attention_reference(q, k, v, causal=causal, q_segment_ids=q_ids, kv_segment_ids=kv_ids, scale=scale,
+                                   return_lse=return_lse)
     if implementation == "cudnn":
         reason = _cudnn_unsupported(q, k, causal, q_ids)
+        if return_lse:
+            reason = "jax.nn.dot_product_attention does not return the log-sum-exp (return_lse=True)"
         if reason is not None:
             raise ValueError(f"attention: implementation='cudnn' cannot serve these inputs: {reason}")
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, implementation="cudnn")
     from lepton_jax.pallas import flash_attention
 
     return flash_attention(q, k, v, causal=causal, q_segment_ids=q_ids, kv_segment_ids=kv_ids, scale=scale,
-                           block_sizes=block_sizes)
+                           block_sizes=block_sizes, return_lse=return_lse)

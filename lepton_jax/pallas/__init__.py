@@ -24,9 +24,11 @@ from lepton_jax.ops import dispatch
 
 def flash_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None, scale=None,
                     block_sizes: BlockSizes | None = None, backend: str | None = None,
-                    interpret: bool | None = None) -> jax.Array:
+                    interpret: bool | None = None, return_lse: bool = False):
     """Flash attention on ``[B, Sq, H, D]`` / ``[B, Skv, K, D]`` inputs (validated
-    by ``ops.attention``). Returns ``[B, Sq, H, D]``.
+    by ``ops.attention``). Returns ``[B, Sq, H, D]``; with ``return_lse`` also
+    each row's log-sum-exp of the scaled scores ``[B, Sq, H]`` fp32 (``-inf``
+    for a row that sees no key), differentiable like the output.
 
     ``backend`` ("gpu"/"tpu") and ``interpret`` default to the platform's;
     forcing ``interpret=False`` on CPU is for lowering to another platform
@@ -62,8 +64,13 @@ def flash_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids
         q_seg = jnp.pad(q_segment_ids, ((0, 0), (0, Sq_pad - Sq)), constant_values=-1)
         kv_seg = jnp.pad(kv_segment_ids, ((0, 0), (0, Skv_pad - Skv)), constant_values=-2)
     kernel = flash_attention_gpu.flash_attention if backend == "gpu" else flash_attention_tpu.flash_attention
-    out = kernel(q_k, k_k, v_k, q_seg, kv_seg, config)
-    return jnp.swapaxes(out[:, :, :Sq, :D], 1, 2)
+    out, lse = kernel(q_k, k_k, v_k, q_seg, kv_seg, config)
+    out = jnp.swapaxes(out[:, :, :Sq, :D], 1, 2)
+    if not return_lse:
+        return out
+    lse_BxSxH = jnp.swapaxes(lse.reshape(B, H, Sq_pad)[:, :, :Sq], 1, 2)
+    # The kernels mark a row without keys +inf (so their backward's p is 0); the public value is -inf.
+    return out, jnp.where(lse_BxSxH == jnp.inf, -jnp.inf, lse_BxSxH)
 
 
 __all__ = ["BLOCK_TABLE", "AttentionConfig", "BlockSizes", "attention_common", "default_block_sizes",

@@ -111,26 +111,30 @@ BwdFn = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
 
 
 def make_flash_attention(forward: FwdFn, backward: BwdFn):
-    """Wires kernels into ``attend(q, k, v, q_seg, kv_seg, config) -> out``
+    """Wires kernels into ``attend(q, k, v, q_seg, kv_seg, config) -> (out, lse)``
     with a ``custom_vjp`` whose residuals are the inputs, the output and the
     per-row log-sum-exp.
 
     ``forward(q, k, v, q_seg, kv_seg, config) -> (out, lse)`` and
-    ``backward(q, k, v, q_seg, kv_seg, out, lse, d_out, config) -> (dq, dk, dv)``
-    with dk/dv per q head ``[B, H, Skv, D]``; GQA sums them here.
+    ``backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, config) -> (dq, dk, dv)``
+    with dk/dv per q head ``[B, H, Skv, D]``; GQA sums them here. The lse is
+    differentiable too (ring attention merges blocks by it): since
+    ``d lse_i / d s_ij = p_ij``, its cotangent only shifts the backward's
+    ``delta_i = sum_d o_id do_id`` to ``delta_i - d_lse_i``.
     """
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
     def attend(q, k, v, q_seg, kv_seg, config):
-        return forward(q, k, v, q_seg, kv_seg, config)[0]
+        return forward(q, k, v, q_seg, kv_seg, config)
 
     def attend_fwd(q, k, v, q_seg, kv_seg, config):
         out, lse = forward(q, k, v, q_seg, kv_seg, config)
-        return out, (q, k, v, q_seg, kv_seg, out, lse)
+        return (out, lse), (q, k, v, q_seg, kv_seg, out, lse)
 
-    def attend_bwd(config, residuals, d_out):
+    def attend_bwd(config, residuals, cotangents):
         q, k, v, q_seg, kv_seg, out, lse = residuals
-        dq, dk_per_head, dv_per_head = backward(q, k, v, q_seg, kv_seg, out, lse, d_out, config)
+        d_out, d_lse = cotangents
+        dq, dk_per_head, dv_per_head = backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, config)
         B, K, S, D = k.shape
         dk = dk_per_head.reshape(B, K, config.num_groups, S, D).sum(2).astype(k.dtype)
         dv = dv_per_head.reshape(B, K, config.num_groups, S, D).sum(2).astype(v.dtype)

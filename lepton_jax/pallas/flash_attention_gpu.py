@@ -178,13 +178,13 @@ def _dq_kernel(*refs, config: AttentionConfig, block_k: int, num_kv_blocks: int)
     dq_ref[...] = (dq * config.scale).astype(dq_ref.dtype)
 
 
-def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, config: AttentionConfig):
+def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, config: AttentionConfig):
     """``(dq [B, H, Sq, D], dk, dv [B, H, Skv, D] per q head)``."""
     B, H, Sq, D = q.shape
     Skv = k.shape[2]
     G = config.num_groups
     block_q, block_k = config.blocks.block_q_bwd, config.blocks.block_k_bwd
-    delta = jnp.sum(out.astype(_F32) * d_out.astype(_F32), axis=-1)  # [B, H, Sq]
+    delta = jnp.sum(out.astype(_F32) * d_out.astype(_F32), axis=-1) - d_lse.astype(_F32)  # [B, H, Sq]
     d_out = d_out.astype(q.dtype)
     full_q = pl.BlockSpec((None, None, Sq, D), lambda b, h, j: (b, h, 0, 0))
     full_rows = pl.BlockSpec((None, None, Sq), lambda b, h, j: (b, h, 0))

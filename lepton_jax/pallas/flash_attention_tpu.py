@@ -173,12 +173,12 @@ def _dq_kernel(*refs, config: AttentionConfig):
         dq_ref[...] = (dq_sc[...] * config.scale).astype(dq_ref.dtype)
 
 
-def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, config: AttentionConfig):
+def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, config: AttentionConfig):
     """``(dq [B, H, Sq, D], dk, dv [B, H, Skv, D] per q head)``."""
     B, H, Sq, D = q.shape
     Skv = k.shape[2]
     block_q, block_k, G = config.blocks.block_q_bwd, config.blocks.block_k_bwd, config.num_groups
-    delta = jnp.sum(out.astype(_F32) * d_out.astype(_F32), axis=-1, keepdims=True)  # [B, H, Sq, 1]
+    delta = jnp.sum(out.astype(_F32) * d_out.astype(_F32), axis=-1, keepdims=True) - d_lse.astype(_F32)  # [B, H, Sq, 1]
     d_out = d_out.astype(q.dtype)
     seg_args = _segment_args(config, q_seg, kv_seg)
 

@@ -16,29 +16,42 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 Rules = tuple[tuple[str, Any], ...]
-# The logical axis names models annotate their parameters and activations with.
-LOGICAL_AXES = ("batch", "seq", "embed", "mlp", "heads", "kv_heads", "head_dim", "vocab")
+# The logical axis names models annotate their parameters and activations with:
+# ``layers`` is the leading axis of stacked block parameters (``GPTConfig.scan_layers``),
+# ``stages`` the leading axis of the pipeline's per-stage activations.
+LOGICAL_AXES = ("batch", "seq", "embed", "mlp", "heads", "kv_heads", "head_dim", "vocab", "layers", "stages")
 
-_NOTHING: Rules = tuple((name, None) for name in LOGICAL_AXES if name != "batch")
+# Every preset puts the sequence on a ``seq`` mesh axis (context parallelism:
+# ring attention) and the stacked layers on a ``stage`` axis (pipeline
+# parallelism); ``restrict_to_mesh`` drops them on meshes without those axes,
+# so the presets below behave as before on data/fsdp/tensor meshes.
+_CONTEXT_AND_PIPELINE: Rules = (("seq", "seq"), ("layers", "stage"), ("stages", "stage"))
+_BATCH = (("batch", ("data", "fsdp")),)
 # Data parallel: the batch over every data-like axis, parameters replicated.
-DATA_PARALLEL: Rules = (("batch", ("data", "fsdp")),) + _NOTHING
+DATA_PARALLEL: Rules = _BATCH + _CONTEXT_AND_PIPELINE + (
+    ("embed", None), ("mlp", None), ("heads", None), ("kv_heads", None), ("head_dim", None), ("vocab", None))
 # FSDP / ZeRO-3: additionally, every parameter's embed axis over fsdp; the
 # optimizer state follows the parameters and gradients are reduce-scattered.
-FSDP: Rules = (("batch", ("data", "fsdp")), ("seq", None), ("embed", "fsdp"), ("mlp", None), ("heads", None),
-               ("kv_heads", None), ("head_dim", None), ("vocab", None))
+FSDP: Rules = _BATCH + _CONTEXT_AND_PIPELINE + (
+    ("embed", "fsdp"), ("mlp", None), ("heads", None), ("kv_heads", None), ("head_dim", None), ("vocab", None))
 # Megatron tensor parallel: column splits (mlp, heads, vocab) and row splits
 # (the same names on the input side of the output projections).
-TENSOR: Rules = (("batch", ("data", "fsdp")), ("seq", None), ("embed", None), ("mlp", "tensor"),
-                 ("heads", "tensor"), ("kv_heads", "tensor"), ("head_dim", None), ("vocab", "tensor"))
+TENSOR: Rules = _BATCH + _CONTEXT_AND_PIPELINE + (
+    ("embed", None), ("mlp", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"), ("head_dim", None),
+    ("vocab", "tensor"))
 # FSDP and tensor parallelism together (2-D sharding of every matrix).
-FSDP_TENSOR: Rules = (("batch", ("data", "fsdp")), ("seq", None), ("embed", "fsdp"), ("mlp", "tensor"),
-                      ("heads", "tensor"), ("kv_heads", "tensor"), ("head_dim", None), ("vocab", "tensor"))
-# The presets by the names recipes and ``get_rules`` accept.
-PRESETS: dict[str, Rules] = {"data": DATA_PARALLEL, "fsdp": FSDP, "tensor": TENSOR, "fsdp_tensor": FSDP_TENSOR}
+FSDP_TENSOR: Rules = _BATCH + _CONTEXT_AND_PIPELINE + (
+    ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"), ("head_dim", None),
+    ("vocab", "tensor"))
+# The presets by the names recipes and ``get_rules`` accept. "pipeline" and
+# "context" name the FSDP table for meshes with a ``stage`` / ``seq`` axis.
+PRESETS: dict[str, Rules] = {"data": DATA_PARALLEL, "fsdp": FSDP, "tensor": TENSOR, "fsdp_tensor": FSDP_TENSOR,
+                             "pipeline": FSDP, "context": FSDP}
 
 
 def get_rules(rules: str | Rules) -> Rules:
-    """A preset by name ("data", "fsdp", "tensor", "fsdp_tensor") or the table itself."""
+    """A preset by name ("data", "fsdp", "tensor", "fsdp_tensor", "pipeline",
+    "context") or the table itself."""
     if isinstance(rules, str):
         if rules not in PRESETS:
             raise ValueError(f"get_rules: unknown preset {rules!r}; expected one of {sorted(PRESETS)}")
