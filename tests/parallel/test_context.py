@@ -18,7 +18,7 @@ from lepton_jax import models, ops, parallel
 
 
 def _in_mesh(axes, rules="data"):
-    mesh = parallel.make_mesh(axes)
+    mesh = parallel.make_mesh(axes, devices=jax.devices()[:int(np.prod(list(axes.values())))])
     return mesh, parallel.restrict_to_mesh(parallel.get_rules(rules), mesh)
 
 
