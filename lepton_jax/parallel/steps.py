@@ -33,6 +33,13 @@ def _in_context(fn: Callable, mesh: Mesh, rules: Rules) -> Callable:
         with jax.set_mesh(mesh), linen.logical_axis_rules(rules):
             return fn(*args, **kwargs)
 
+    def lower(*args, **kwargs):
+        """``fn.trace(*args).lower()`` under the mesh and rules (then
+        ``.compile().memory_analysis()``, ``.as_text()``)."""
+        with jax.set_mesh(mesh), linen.logical_axis_rules(rules):
+            return fn.trace(*args, **kwargs).lower()
+
+    wrapped.lower = lower
     return wrapped
 
 
@@ -88,7 +95,8 @@ def make_sharded_train_step(model: linen.Module, tx: optax.GradientTransformatio
                             mesh: Mesh, rules: str | Rules, shardings: TrainState, *, input_key: str,
                             donate: bool = False, **step_options) -> Callable:
     """``train_step(state, batch)`` as one ``jax.jit`` whose state shardings come
-    from the rules (give it batches from ``shard_batch``)."""
+    from the rules (give it batches from ``shard_batch``); ``train_step.lower(state,
+    batch)`` gives the lowered program (``.compile().memory_analysis()``)."""
     rules = get_rules(rules)
     step = make_train_step(model, tx, loss_fn, input_key=input_key, jit=False, **step_options)
     replicated = NamedSharding(mesh, PartitionSpec())
