@@ -13,7 +13,6 @@ import os
 
 import flax.linen as linen
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
