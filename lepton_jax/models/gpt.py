@@ -306,7 +306,6 @@ class GPT(linen.Module):
         logits_BxSxV = jnp.einsum("bse,ev->bsv", x_BxSxE, head_ExV.astype(c.dtype), preferred_element_type=jnp.float32)
         return linen.with_logical_constraint(logits_BxSxV, ("batch", "seq", "vocab"))
 
-
     def _stacked_blocks(self, x_BxSxE: jax.Array, positions_BxS: jax.Array,
                         segment_ids: jax.Array | None) -> jax.Array:
         """The blocks from ``params["blocks"]`` (leaves ``[L, ...]``): a scan over the
