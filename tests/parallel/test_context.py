@@ -125,3 +125,23 @@ def test_gpt_on_a_seq_axis_matches_one_device_and_needs_less_memory_per_device()
         _, compiled = _gpt_loss_and_grads({"seq": seq, "data": 2}, tokens, segments, long_config, compile_only=True)
         temp[seq] = compiled.memory_analysis().temp_size_in_bytes
     assert temp[4] < 0.4 * temp[1], temp  # roughly 1/4 (parameters and the ring's buffers stay)
+
+
+def test_bert_encoder_on_a_seq_axis_matches_one_device():
+    """The encoder's padded, non-causal attention (key mask as segment ids)
+    takes the ring too: hidden states as on one device."""
+    config = models.BertConfig(vocab_size=50, max_len=32, num_layers=1, num_heads=2, d_model=16, d_ff=32,
+                               pooler=False)
+    model = models.BertEncoder(config)
+    ids = np.random.default_rng(0).integers(5, 50, size=(2, 32)).astype(np.int32)
+    mask = np.ones((2, 32), np.int32)
+    mask[0, 19:] = 0  # the padding begins inside the third device's block
+    mask[1, 9:] = 0  # and inside the second, so whole key blocks are masked for every query
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), ids, attention_mask=mask)
+    want = model.apply(params, ids, attention_mask=mask)
+    mesh, rules = _in_mesh({"data": 2, "seq": 4})
+    with jax.set_mesh(mesh), linen.logical_axis_rules(rules):
+        compiled = jax.jit(lambda p, i, m: model.apply(p, i, attention_mask=m)).trace(params, ids, mask).lower().compile()
+    assert "collective-permute" in compiled.as_text()
+    got = compiled(params, ids, mask)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
