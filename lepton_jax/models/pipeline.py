@@ -141,9 +141,12 @@ def pipeline(apply_layer: Callable[..., jax.Array], layer_params: Any, x_BxSxE: 
         extra_stage = [jnp.take(e, work % M, axis=0) for e in extras]
         out = _constrain(run_stages(p_stage, state, *extra_stage), STATE)
         # The last stage finishes microbatch (t - N + 1) mod M of some repeat: back to the buffer.
-        done = t >= N - 1
-        written = jax.lax.dynamic_update_index_in_dim(buffer, out[N - 1], (t - (N - 1)) % M, axis=0)
-        buffer = _constrain(jnp.where(done, written, buffer), BUFFER)
+        # (Before it has finished one, the slot is rewritten with what it holds: only one
+        # microbatch of the buffer is touched per iteration, not the whole batch.)
+        slot = (t - (N - 1)) % M
+        kept = jax.lax.dynamic_index_in_dim(buffer, slot, keepdims=False)
+        finished = jnp.where(t >= N - 1, out[N - 1], kept)
+        buffer = _constrain(jax.lax.dynamic_update_index_in_dim(buffer, finished, slot, axis=0), BUFFER)
         return (jnp.roll(out, 1, axis=0), buffer), None
 
     (_, buffer), _ = jax.lax.scan(iteration, (state, buffer), jnp.arange(R * M + N - 1))
