@@ -157,17 +157,13 @@ def test_recipe_pipeline_run_trains_like_data_parallel_and_restores_on_another_m
         got = [r["loss"] for r in _rows(out) if r["split"] == split and r["step"] == 10]
         np.testing.assert_allclose(got, want, rtol=2e-5)
 
-    # The stage=2 checkpoint restores onto data=8 by its saved logical axes, and still computes the same.
+    # The stage=2 checkpoint restores onto data=8 by its saved logical axes (the stacked model
+    # computes as the per-layer one: test_scan_layers_without_a_stage_axis_is_the_same_model).
     mesh = parallel.make_mesh({"data": 8})
     restored = checkpoint.restore(os.path.join(out, "checkpoints"), params_only=True, mesh=mesh, rules="data")
     saved = checkpoint.restore(os.path.join(out, "checkpoints"), params_only=True)
     jax.tree.map(np.testing.assert_array_equal, restored, saved)
     assert restored["blocks"]["mlp"]["w_in"].sharding.is_fully_replicated  # data=8: every device holds them
-    run, model, _ = gpt.build(gpt.RunConfig(config="tiny", seq_len=64, mesh="stage=2"))
-    tokens = np.arange(2 * 64, dtype=np.int32).reshape(2, 64) % 256
-    per_layer = models.GPT(dataclasses.replace(model.config, scan_layers=False))
-    np.testing.assert_allclose(model.apply({"params": restored}, tokens),
-                               per_layer.apply({"params": models.unstack_layers(saved)}, tokens), rtol=1e-5, atol=1e-5)
     # Sampling and export take the per-layer form.
     text = gpt.main([*tiny_gpt_run.argv[:-1], "--mesh=stage=2,data=2,fsdp=2", "--microbatches=2", f"--out={out}",
                      "--generate=def ", "--max_new_tokens=8"])
