@@ -55,6 +55,16 @@ def override(config: Any, argv: Sequence[str]) -> Any:
     return config
 
 
+def print_help(argv: Sequence[str], doc: str | None, config: Any) -> bool:
+    """When ``argv`` asks for help (``-h``/``--help``): prints ``doc`` and every
+    field of ``config`` with its default, and returns True."""
+    if not any(a in ("-h", "--help") for a in argv):
+        return False
+    print(doc or "")
+    print("Fields:", ", ".join(f"--{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config)))
+    return True
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """A JSON-able dict of a (nested) dataclass config."""
     return dataclasses.asdict(config)

@@ -309,9 +309,7 @@ def run_population(configs: Sequence[DigitsConfig],
 
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        print("Fields:", ", ".join(f"--{f.name}={f.default!r}" for f in dataclasses.fields(DigitsConfig)))
+    if config_lib.print_help(argv, __doc__, DigitsConfig()):
         return {}
     return run(config_lib.override(DigitsConfig(), argv))
 

@@ -190,9 +190,7 @@ def train_run(run: RunConfig, extra_hooks: Sequence[train.Hook] = ()) -> dict[st
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        print("Fields:", ", ".join(f"--{f.name}={f.default!r}" for f in dataclasses.fields(RunConfig)))
+    if config_lib.print_help(argv, __doc__, RunConfig()):
         return 0
     try:
         train_run(config_lib.override(RunConfig(), argv))

@@ -269,9 +269,7 @@ def generate_run(run: RunConfig) -> str:
 
 def main(argv: Sequence[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        print("Fields:", ", ".join(f"--{f.name}={f.default!r}" for f in dataclasses.fields(RunConfig)))
+    if config_lib.print_help(argv, __doc__, RunConfig()):
         return None
     run = config_lib.override(RunConfig(), argv)
     return generate_run(run) if run.generate else train_run(run)

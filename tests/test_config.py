@@ -49,3 +49,12 @@ def test_dashes_in_override_names_read_as_underscores():
         base_dtype: str = "float32"
 
     assert config_lib.override(Run(), ["--batch-size", "8", "--base-dtype=int8"]) == Run(batch_size=8, base_dtype="int8")
+
+
+def test_print_help_lists_fields_with_defaults(capsys):
+    from recipes import digits, finetune, gpt
+
+    assert not config.print_help(["--lr=0.1"], "doc", Inner())
+    assert gpt.main(["--help"]) is None and finetune.main(["-h"]) == 0 and digits.main(["--help"]) == {}
+    printed = capsys.readouterr().out
+    assert "--mesh='data=-1'" in printed and "--microbatches=1" in printed and "Fields:" in printed

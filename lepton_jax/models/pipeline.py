@@ -28,6 +28,8 @@ import flax.linen as linen
 import jax
 import jax.numpy as jnp
 
+from lepton_jax.ops.ring_attention import mesh_axis_of
+
 # The logical names of the pipeline's arrays (rules map "layers" and "stages" to the stage mesh axis).
 STATE = ("stages", "batch", "seq", "embed")
 BUFFER = (None, "batch", "seq", "embed")
@@ -40,18 +42,9 @@ def bubble_fraction(stages: int, microbatches: int, repeats: int = 1) -> float:
 
 
 def stage_axis() -> str | None:
-    """The mesh axis the active logical rules put ``"stages"`` on, when it has
-    more than one device (inside ``jax.set_mesh`` and the rules); else ``None``."""
-    mesh = jax.sharding.get_abstract_mesh()
-    rules = linen.get_logical_axis_rules()
-    if mesh.empty or not rules:
-        return None
-    target = linen.logical_to_mesh_axes(("stages",), rules)[0]
-    axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
-    axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
-    if len(axes) > 1:
-        raise ValueError(f"pipeline: the rules put 'stages' on several mesh axes {axes}; a pipeline takes one")
-    return axes[0] if axes else None
+    """The mesh axis of size > 1 holding ``"stages"`` under the active rules
+    (inside ``jax.set_mesh`` and the rules), or ``None``."""
+    return mesh_axis_of("stages")
 
 
 def check_pipeline(*, num_layers: int, stages: int, repeats: int, microbatches: int, batch: int,

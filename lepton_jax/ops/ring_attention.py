@@ -91,25 +91,26 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, axis_name: str, 
     return out.astype(q.dtype)
 
 
-def sequence_axis() -> str | None:
-    """The mesh axis the active logical rules put ``"seq"`` on, when it has more
-    than one device (inside ``jax.set_mesh`` and ``linen.logical_axis_rules``,
-    as the parallel train steps trace); else ``None``."""
+def mesh_axis_of(logical: str) -> str | None:
+    """The mesh axis the active logical rules put ``logical`` on, when it has more
+    than one device (inside ``jax.set_mesh`` and ``linen.logical_axis_rules``, as
+    the parallel train steps trace); else ``None``. Rules that spread it over
+    several such axes are refused: a ring or a pipeline runs along one."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return None
     rules = linen.get_logical_axis_rules()
-    if not rules:
+    if mesh.empty or not rules:
         return None
-    target = linen.logical_to_mesh_axes(("seq",), rules)[0]
-    if target is None:
-        return None
-    axes = (target,) if isinstance(target, str) else tuple(target)
+    target = linen.logical_to_mesh_axes((logical,), rules)[0]
+    axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
     axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
     if len(axes) > 1:
-        raise ValueError(f"attention: the rules put 'seq' on several mesh axes {axes}; context parallelism "
-                         "takes one")
+        raise ValueError(f"the rules put {logical!r} on several mesh axes {axes}; it can take one")
     return axes[0] if axes else None
+
+
+def sequence_axis() -> str | None:
+    """The mesh axis of size > 1 holding ``"seq"`` under the active rules (context parallelism), or ``None``."""
+    return mesh_axis_of("seq")
 
 
 def _spec(names: tuple[str | None, ...]) -> PartitionSpec:
@@ -142,12 +143,13 @@ def sequence_parallel_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, cau
     ids_spec = _spec(("batch", "seq"))
     body = functools.partial(ring_attention, axis_name=axis, causal=causal, scale=scale,
                              implementation=implementation)
-    if segment_ids is None:
-        mapped = jax.shard_map(lambda q, k, v: body(q, k, v), mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec),
-                               out_specs=q_spec, check_vma=False)
-        return mapped(q, k, v)
-    mapped = jax.shard_map(lambda q, k, v, qi, ki: body(q, k, v, q_segment_ids=qi, kv_segment_ids=ki), mesh=mesh,
-                           in_specs=(q_spec, kv_spec, kv_spec, ids_spec, ids_spec), out_specs=q_spec,
-                           check_vma=False)
-    q_ids, kv_ids = segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids, segment_ids)
-    return mapped(q, k, v, q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32))
+    args, specs = [q, k, v], [q_spec, kv_spec, kv_spec]
+    if segment_ids is not None:
+        q_ids, kv_ids = segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids, segment_ids)
+        args += [q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32)]
+        specs += [ids_spec, ids_spec]
+
+    def local(q, k, v, *ids):
+        return body(q, k, v, **dict(zip(("q_segment_ids", "kv_segment_ids"), ids)))
+
+    return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=q_spec, check_vma=False)(*args)

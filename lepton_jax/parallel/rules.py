@@ -43,15 +43,12 @@ TENSOR: Rules = _BATCH + _CONTEXT_AND_PIPELINE + (
 FSDP_TENSOR: Rules = _BATCH + _CONTEXT_AND_PIPELINE + (
     ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"), ("head_dim", None),
     ("vocab", "tensor"))
-# The presets by the names recipes and ``get_rules`` accept. "pipeline" and
-# "context" name the FSDP table for meshes with a ``stage`` / ``seq`` axis.
-PRESETS: dict[str, Rules] = {"data": DATA_PARALLEL, "fsdp": FSDP, "tensor": TENSOR, "fsdp_tensor": FSDP_TENSOR,
-                             "pipeline": FSDP, "context": FSDP}
+# The presets by the names recipes and ``get_rules`` accept.
+PRESETS: dict[str, Rules] = {"data": DATA_PARALLEL, "fsdp": FSDP, "tensor": TENSOR, "fsdp_tensor": FSDP_TENSOR}
 
 
 def get_rules(rules: str | Rules) -> Rules:
-    """A preset by name ("data", "fsdp", "tensor", "fsdp_tensor", "pipeline",
-    "context") or the table itself."""
+    """A preset by name ("data", "fsdp", "tensor", "fsdp_tensor") or the table itself."""
     if isinstance(rules, str):
         if rules not in PRESETS:
             raise ValueError(f"get_rules: unknown preset {rules!r}; expected one of {sorted(PRESETS)}")
