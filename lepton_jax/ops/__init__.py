@@ -28,13 +28,13 @@ from lepton_jax.ops.metrics import (
     top_k_accuracy,
 )
 from lepton_jax.ops.normalization import layer_norm, rms_norm
-from lepton_jax.ops.ring_attention import ring_attention, sequence_axis, sequence_parallel_attention
+from lepton_jax.ops.ring_attention import mesh_axis_of, ring_attention, sequence_axis, sequence_parallel_attention
 from lepton_jax.ops.regularization import l1_penalty, l2_penalty, weight_mask
 
 __all__ = [
     "MeanMetric", "accuracy", "activations", "attention", "attention_reference", "binary_cross_entropy", "classification_counts",
     "classification_report", "compute_classification_metrics", "confusion_matrix", "dispatch", "distillation_loss", "get_activation",
-    "l1_penalty", "l2_penalty", "layer_norm", "linear_cross_entropy", "losses", "mae", "merge_counts", "metrics", "mse",
+    "l1_penalty", "l2_penalty", "layer_norm", "linear_cross_entropy", "losses", "mae", "merge_counts", "mesh_axis_of", "metrics", "mse",
     "normalization", "regularization", "ring_attention", "rms_norm", "sequence_axis", "sequence_parallel_attention", "softmax_cross_entropy",
     "softmax_cross_entropy_with_probs", "top_k_accuracy", "weight_mask",
 ]
