@@ -74,6 +74,8 @@ def test_ring_attention_errors():
     with pytest.raises(ValueError, match="no mesh axis of size > 1 holds 'seq'"):
         ops.sequence_parallel_attention(q, k, v)
     assert ops.sequence_axis() is None
+    with pytest.raises(ValueError, match="give both q_segment_ids and kv_segment_ids, or neither"):
+        ops.ring_attention(q, k, v, axis_name="seq", q_segment_ids=SEGMENTS[:, :30])
     mesh, rules = _in_mesh({"data": 8})  # the rules name seq, but this mesh has no such axis
     with jax.set_mesh(mesh), linen.logical_axis_rules(rules):
         assert ops.sequence_axis() is None

@@ -101,6 +101,8 @@ def test_scan_layers_without_a_stage_axis_is_the_same_model():
         model.apply({"params": params}, batch["inputs"][:, :1], decode=True, mutable=["cache"])
     with pytest.raises(ValueError, match="params have no block_2"):
         models.stack_layers({"block_0": {}, "block_1": {}}, 3)
+    with pytest.raises(ValueError, match=r"params have no 'blocks' \(stacked layers\); got keys \['block_0'\]"):
+        models.unstack_layers({"block_0": {}})
 
 
 def test_bubble_fraction_and_layout_errors():
