@@ -24,9 +24,9 @@
   empty in a new temporary folder at every run and is removed at the end, so
   nothing carries over between runs.
 
-* Trained reference runs (the digits recipe's CNN, a short tiny-GPT run) are
+* Trained reference runs (the digits recipe's CNN, a short nano-GPT run) are
   made once per test run and shared by every test and xdist worker that reads
-  them (``digits_cnn_run``, ``tiny_gpt_run``); the first worker to ask trains,
+  them (``digits_cnn_run``, ``nano_gpt_run``); the first worker to ask trains,
   the others wait for it. Tests that change a run work on a copy.
 
 ``LEPTON_TEST_XLA_CACHE=0`` turns the cache off; an ``XLA_FLAGS`` that already
@@ -73,7 +73,7 @@ def pytest_collection_finish(session):
 
 # Tests that read a shared trained run are slow whatever they do themselves:
 # the run is trained for the first of them.
-_TRAINED_RUNS = {"digits_cnn_run", "tiny_gpt_run"}
+_TRAINED_RUNS = {"digits_cnn_run", "nano_gpt_run"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -137,8 +137,9 @@ def digits_cnn_run() -> SharedRun:
     return shared_run("digits_cnn", digits.main, ["--model=cnn", "--progress=false"])
 
 
-# A short tiny-GPT run: small batches and windows, an evaluation every 10 steps.
-GPT_SHORT = ["--config=tiny", "--batch_size=8", "--seq_len=64", "--max_bytes=300000", "--eval_every=10",
+# A short GPT run (the nano config: tiny's widths, two blocks): small batches and windows,
+# an evaluation every 10 steps.
+GPT_SHORT = ["--config=nano", "--batch_size=8", "--seq_len=64", "--max_bytes=300000", "--eval_every=10",
              "--eval_windows=16", "--progress=false"]
 
 
@@ -149,12 +150,12 @@ def gpt_short_flags() -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def tiny_gpt_run() -> SharedRun:
-    """40 steps of the GPT recipe's tiny config on 8 simulated devices
+def nano_gpt_run() -> SharedRun:
+    """40 steps of the GPT recipe's nano config on 8 simulated devices
     (``GPT_SHORT``; checkpoints at steps 20, 30 and 40)."""
     from recipes import gpt
 
-    return shared_run("tiny_gpt", gpt.main, [*GPT_SHORT, "--steps=40"])
+    return shared_run("nano_gpt", gpt.main, [*GPT_SHORT, "--steps=40"])
 
 
 # A BERT-style WordPiece vocabulary for the encoder tests (convert, embed).

@@ -126,7 +126,7 @@ def test_bubble_fraction_and_layout_errors():
 
 def test_recipe_refuses_bad_layouts_before_compiling(gpt_short_flags, tmp_path):
     flags = [*gpt_short_flags, f"--out={tmp_path}"]
-    with pytest.raises(ValueError, match=r"4 layers do not split into 8 stages x 1 repeats"):
+    with pytest.raises(ValueError, match=r"2 layers do not split into 8 stages x 1 repeats"):
         gpt.main([*flags, "--mesh=stage=8"])
     with pytest.raises(ValueError, match=r"batch 8 does not divide into 4 microbatches x 4 data-parallel ways"):
         gpt.main([*flags, "--mesh=stage=2,data=2,fsdp=2", "--microbatches=4"])
@@ -142,20 +142,20 @@ def _rows(out):
 
 
 @pytest.mark.slow
-def test_recipe_pipeline_run_trains_like_data_parallel_and_restores_on_another_mesh(tiny_gpt_run, tmp_path, capsys):
+def test_recipe_pipeline_run_trains_like_data_parallel_and_restores_on_another_mesh(nano_gpt_run, tmp_path, capsys):
     out = str(tmp_path / "pipe")
     # The shared run's 40-step schedule, stopped after step 10.
-    run = config_lib.override(gpt.RunConfig(), [*tiny_gpt_run.argv[:-1], "--steps=40", "--mesh=stage=2,data=2,fsdp=2",
+    run = config_lib.override(gpt.RunConfig(), [*nano_gpt_run.argv[:-1], "--steps=40", "--mesh=stage=2,data=2,fsdp=2",
                                                 "--microbatches=2", f"--out={out}"])
     stop = train.FunctionHook(lambda loop: loop.request_stop("test: 10 steps") if loop.step >= 10 else None)
     result = gpt.train_run(run, extra_hooks=[stop])
     assert result["steps"] == 10
     printed = capsys.readouterr().out
-    assert "pipeline: 2 stages x 1 repeat(s) of 2 layer(s), 2 microbatches of 4: bubble" in printed
+    assert "pipeline: 2 stages x 1 repeat(s) of 1 layer(s), 2 microbatches of 4: bubble" in printed
     assert result["pipeline_bubble"] == pytest.approx(1 / 3)
     # Steps 1-10 give the data=8 run's numbers (float tolerance: reductions in another order).
     for split in ("train", "eval"):
-        want = [r["loss"] for r in _rows(tiny_gpt_run.out) if r["split"] == split and r["step"] == 10]
+        want = [r["loss"] for r in _rows(nano_gpt_run.out) if r["split"] == split and r["step"] == 10]
         got = [r["loss"] for r in _rows(out) if r["split"] == split and r["step"] == 10]
         np.testing.assert_allclose(got, want, rtol=2e-5)
 
@@ -167,7 +167,7 @@ def test_recipe_pipeline_run_trains_like_data_parallel_and_restores_on_another_m
     jax.tree.map(np.testing.assert_array_equal, restored, saved)
     assert restored["blocks"]["mlp"]["w_in"].sharding.is_fully_replicated  # data=8: every device holds them
     # Sampling and export take the per-layer form.
-    text = gpt.main([*tiny_gpt_run.argv[:-1], "--mesh=stage=2,data=2,fsdp=2", "--microbatches=2", f"--out={out}",
+    text = gpt.main([*nano_gpt_run.argv[:-1], "--mesh=stage=2,data=2,fsdp=2", "--microbatches=2", f"--out={out}",
                      "--generate=def ", "--max_new_tokens=8"])
     assert text.startswith("def ")
 

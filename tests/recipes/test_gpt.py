@@ -22,28 +22,28 @@ def _rows(out: str) -> list[dict]:
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
-def test_short_run_learns_resumes_and_generates(tiny_gpt_run, tmp_path):
-    first = tiny_gpt_run.result  # 40 steps, trained once for the whole suite
+def test_short_run_learns_resumes_and_generates(nano_gpt_run, tmp_path):
+    first = nano_gpt_run.result  # 40 steps, trained once for the whole suite
     assert first["steps"] == 40
     assert first["val_bits_per_byte"] < 5.5  # uniform bytes are 8 bits; 40 small steps learn the byte statistics
-    rows = _rows(tiny_gpt_run.out)
+    rows = _rows(nano_gpt_run.out)
     evals = [r for r in rows if r["split"] == "eval"]
     assert evals[-1]["bits_per_byte"] < evals[0]["bits_per_byte"]
     assert math.isclose(evals[-1]["bits_per_byte"], evals[-1]["loss"] / math.log(2))
     assert all("tokens_per_second" in r for r in rows if r["split"] == "train")
-    assert "mesh(data=8) over 8 cpu devices" in tiny_gpt_run.stdout  # data=-1 takes all 8 test devices
+    assert "mesh(data=8) over 8 cpu devices" in nano_gpt_run.stdout  # data=-1 takes all 8 test devices
 
     # Stopped after step 30: --resume continues from that checkpoint, data
     # position included, and steps 31-40 give the uninterrupted run's numbers.
-    out = tiny_gpt_run.copy_to(tmp_path / "gpt")
+    out = nano_gpt_run.copy_to(tmp_path / "gpt")
     shutil.rmtree(os.path.join(out, "checkpoints", "40"))
-    more = gpt.main([*tiny_gpt_run.argv, f"--out={out}", "--resume"])
+    more = gpt.main([*nano_gpt_run.argv, f"--out={out}", "--resume"])
     assert more["resumed_from"] == 30 and more["steps"] == 40
     last = lambda rows, split: [r for r in rows if r["split"] == split and r["step"] == 40][-1]  # noqa: E731
     for split in ("train", "eval"):
         assert last(_rows(out), split)["loss"] == last(rows, split)["loss"]
 
-    text = gpt.main([*tiny_gpt_run.argv, f"--out={out}", "--generate=def ", "--max_new_tokens=20"])
+    text = gpt.main([*nano_gpt_run.argv, f"--out={out}", "--generate=def ", "--max_new_tokens=20"])
     assert text.startswith("def ") and len(text.encode("utf-8", errors="replace")) >= 20
 
 
@@ -95,13 +95,13 @@ def test_bad_recipe_options():
 
 @pytest.fixture(scope="module")
 def packed_run(tmp_path_factory):
-    """4 steps of the tiny GPT on a byte-level pack of the stdlib's json package (5 documents)."""
+    """4 steps of the nano GPT on a byte-level pack of the stdlib's json package (5 documents)."""
     from lepton_jax import data
 
     root = tmp_path_factory.mktemp("packed")
     corpus = os.path.join(os.path.dirname(json.__file__), "*.py")
     data.pack_corpus(data.corpus_files(corpus), "bytes", 33, str(root / "pack"), val_fraction=0.2, progress=False)
-    flags = ["--config=tiny", f"--data={root / 'pack'}", "--batch_size=8", "--eval_every=4", "--eval_windows=8",
+    flags = ["--config=nano", f"--data={root / 'pack'}", "--batch_size=8", "--eval_every=4", "--eval_windows=8",
              "--progress=false", f"--out={root / 'run'}"]
     return root, corpus, flags, gpt.main([*flags, "--steps=4"])
 
