@@ -16,7 +16,7 @@ import pytest
 
 from lepton_jax import checkpoint, models, parallel, train
 
-CONFIG = models.GPTConfig(vocab_size=48, max_len=16, num_layers=2, num_heads=4, num_kv_heads=2, d_model=32, d_ff=64)
+CONFIG = models.GPTConfig(vocab_size=48, max_len=16, num_layers=1, num_heads=4, num_kv_heads=2, d_model=32, d_ff=64)
 EXAMPLE = np.zeros((8, 16), np.int32)
 
 

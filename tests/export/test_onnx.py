@@ -78,7 +78,7 @@ def test_digits_models_with_their_preprocessing(model, tmp_path):
 @pytest.mark.parametrize("positions", ["rotary", "learned"])
 def test_gpt_forward_pass(positions, tmp_path):
     """Embedding gathers, rotary splits, causal attention with its masks, GQA, norms."""
-    model = models.GPT(models.GPTConfig(vocab_size=64, max_len=16, num_layers=2, num_heads=4, num_kv_heads=2,
+    model = models.GPT(models.GPTConfig(vocab_size=64, max_len=16, num_layers=1, num_heads=4, num_kv_heads=2,
                                         d_model=32, d_ff=64, positions=positions, attention_implementation="xla",
                                         norm_implementation="xla"))
     example = np.zeros((1, 16), np.int32)

@@ -28,7 +28,7 @@ MAX_LEN = 48
 @pytest.fixture(scope="module")
 def gpt(tmp_path_factory):
     """A byte-level GPT exported with its decode step, served with 4 slots."""
-    model = models.GPT(models.GPTConfig(vocab_size=256, max_len=MAX_LEN, num_layers=2, num_heads=4, num_kv_heads=2,
+    model = models.GPT(models.GPTConfig(vocab_size=256, max_len=MAX_LEN, num_layers=1, num_heads=4, num_kv_heads=2,
                                         d_model=32, d_ff=64, positions="rotary"))
     example = np.zeros((1, MAX_LEN), np.int32)
     params = linen.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(3), example)["params"])

@@ -230,7 +230,7 @@ def _gpt_export(root):
     from lepton_jax import models
     from lepton_jax.export import export_decoder
 
-    model = models.GPT(models.GPTConfig(vocab_size=256, max_len=32, num_layers=2, num_heads=4, num_kv_heads=2,
+    model = models.GPT(models.GPTConfig(vocab_size=256, max_len=32, num_layers=1, num_heads=4, num_kv_heads=2,
                                         d_model=32, d_ff=64, positions="rotary"))
     example = np.zeros((1, 32), np.int32)
     params = linen.meta.unbox(model.init(jax.random.PRNGKey(3), example)["params"])
