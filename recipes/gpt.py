@@ -49,8 +49,9 @@ MODEL_CONFIGS = {
                            d_model=2048, d_ff=5632, positions="rotary", mlp="swiglu", norm="rms", remat=True),
 }
 # (batch, seq, steps, peak lr, warmup) per named config.
-TRAINING = {"nano": (32, 128, 500, 3e-3, 50), "tiny": (32, 128, 500, 3e-3, 50), "gpt2-124m": (16, 1024, 5000, 6e-4, 500),
-            "gpt2-350m": (16, 1024, 5000, 3e-4, 500), "1b": (32, 2048, 10000, 2e-4, 1000)}
+TRAINING = {"nano": (32, 128, 500, 3e-3, 50), "tiny": (32, 128, 500, 3e-3, 50),
+            "gpt2-124m": (16, 1024, 5000, 6e-4, 500), "gpt2-350m": (16, 1024, 5000, 3e-4, 500),
+            "1b": (32, 2048, 10000, 2e-4, 1000)}
 # Dense bf16 peak FLOP/s per device, for MFU.
 PEAK_FLOPS = {"NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12, "TPU v4": 275e12,
               "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v6": 918e12}
