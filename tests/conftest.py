@@ -12,8 +12,8 @@
 * XLA's CPU backend emits its fused loops with its classic LLVM emitter
   (``--xla_cpu_use_fusion_emitters=false``) instead of the newer MLIR fusion
   emitters, which set up MLIR contexts and pass pipelines for every fusion of
-  every program. Compiling is 25-35% cheaper (150 new-shape eager ops: 14.5 s
-  -> 10 s; a tiny GPT's train step: 3.5 -> 2.6 CPU-seconds) and the whole
+  every program. Compiling is 25-35% cheaper (100 rounds of new-shape eager
+  ops: 14.5 s -> 10 s; a 2-block GPT's train step: 3.5 -> 2.6 CPU-seconds) and the whole
   suite went from 10:38 to 9:20 on 2 cores, every test passing at its own
   tolerance. Five AdamW steps of a GPT and a CNN's gradients come out bitwise
   the same as with the default emitters; a mean reduction can differ in its

@@ -87,7 +87,10 @@ CONFIG = models.GPTConfig(vocab_size=64, max_len=64, num_layers=2, num_heads=4, 
 
 def _gpt_loss_and_grads(axes, tokens, segments, config=CONFIG, compile_only=False):
     model = models.GPT(config)
-    init = lambda: linen.meta.unbox(model.init(jax.random.PRNGKey(0), tokens[:, :-1])["params"])  # noqa: E731
+
+    def init():
+        return linen.meta.unbox(model.init(jax.random.PRNGKey(0), tokens[:, :-1])["params"])
+
     params = jax.eval_shape(init) if compile_only else jax.jit(init)()  # compiling needs only the shapes
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segments}
 
