@@ -18,6 +18,7 @@ from typing import Any, Mapping, NamedTuple
 import flax.linen as linen
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lepton_jax import nn, ops
 from lepton_jax.models import pipeline as pipeline_lib
@@ -389,11 +390,22 @@ def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
     if "blocks" not in params:
         raise ValueError(f"unstack_layers: params have no 'blocks' (stacked layers); got keys {sorted(params)}")
     blocks = params["blocks"]
-    L = jax.tree.leaves(blocks)[0].shape[0]
+    if all(isinstance(leaf, np.ndarray) for leaf in jax.tree.leaves(blocks)):
+        layers = _split_layers(blocks)  # host arrays: numpy views, nothing compiled
+    else:
+        layers = _split_layers_jit(blocks)  # one program, not one op per leaf and layer
     out = {k: v for k, v in params.items() if k != "blocks"}
-    for i in range(L):
-        out[f"block_{i}"] = jax.tree.map(lambda p, i=i: p[i], blocks)
+    out.update((f"block_{i}", layer) for i, layer in enumerate(layers))
     return out
+
+
+def _split_layers(blocks: Any) -> list[Any]:
+    """``[L, ...]`` leaves -> L trees of ``[...]`` leaves."""
+    L = jax.tree.leaves(blocks)[0].shape[0]
+    return [jax.tree.map(lambda p, i=i: p[i], blocks) for i in range(L)]
+
+
+_split_layers_jit = jax.jit(_split_layers)
 
 
 def lm_loss(outputs: jax.Array | LMHead, batch: Mapping[str, jax.Array], *,

@@ -97,6 +97,9 @@ def test_scan_layers_without_a_stage_axis_is_the_same_model():
     logits = model.apply({"params": params}, batch["inputs"], segment_ids=batch["segment_ids"])
     np.testing.assert_allclose(float(models.lm_loss(logits, batch)), ref_loss, rtol=1e-6)
     jax.tree.map(np.testing.assert_array_equal, models.unstack_layers(params), ref_params)
+    on_host = models.unstack_layers(jax.device_get(params))  # numpy in, numpy out (views, nothing compiled)
+    assert all(isinstance(leaf, np.ndarray) for leaf in jax.tree.leaves(on_host))
+    jax.tree.map(np.testing.assert_array_equal, on_host, ref_params)
     with pytest.raises(ValueError, match="decode needs per-layer parameters"):
         model.apply({"params": params}, batch["inputs"][:, :1], decode=True, mutable=["cache"])
     with pytest.raises(ValueError, match="params have no block_2"):
