@@ -29,6 +29,12 @@
   them (``digits_cnn_run``, ``nano_gpt_run``); the first worker to ask trains,
   the others wait for it. Tests that change a run work on a copy.
 
+* Python's bytecode caches are written even where the environment says not
+  to (``PYTHONDONTWRITEBYTECODE``, set on our machines): every process of the
+  run (two workers, notebook kernels, about 40 subprocesses) would otherwise
+  compile lepton_jax's sources again on import, and each worker would
+  re-rewrite the test modules' asserts (about 0.3 CPU-s per process).
+
 ``LEPTON_TEST_XLA_CACHE=0`` turns the cache off; an ``XLA_FLAGS`` that already
 names ``--xla_backend_optimization_level`` keeps its own flags (no -O2, default emitters).
 """
@@ -40,10 +46,15 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 from typing import Callable, NamedTuple
 
 import pytest
+
+# Inherited by the xdist workers and every process they start (see above).
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 
 _COMPILE_FLAGS = "--xla_backend_optimization_level=2 --xla_cpu_use_fusion_emitters=false"
 if "LEPTON_TEST_XLA_FLAGS" not in os.environ:
