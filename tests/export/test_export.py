@@ -78,7 +78,7 @@ def test_digits_export_matches_model_at_two_batch_sizes(digits_run, digits_expor
 
 
 def test_gpt_export_matches_model_at_two_batch_sizes(nano_gpt_run, tmp_path):
-    run_dir = nano_gpt_run.out  # 30 steps with 64-byte windows, trained once for the suite
+    run_dir = nano_gpt_run.out  # 40 nano-GPT steps with 64-byte windows, trained once for the suite
     path = export_recipe("gpt", run_dir, str(tmp_path / "gpt_model"))
     model = load(path)
     assert model.signature["inputs"] == [{"name": "tokens", "dtype": "int32", "shape": ["b", 64]}]
