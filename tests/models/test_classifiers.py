@@ -14,11 +14,14 @@ from lepton_jax import models
                          ids=["mlp", "cnn", "lstm"])
 def test_logits_shape_and_determinism(model):
     x = jax.random.uniform(jax.random.PRNGKey(0), (5, 8, 8, 1))
-    variables = model.init({"params": jax.random.PRNGKey(1), "dropout": jax.random.PRNGKey(2)}, x, train=False)
-    logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+    # Compiled init and apply: op by op, every initializer and layer op compiles on its own.
+    variables = jax.jit(lambda keys, x: model.init(keys, x, train=False))(
+        {"params": jax.random.PRNGKey(1), "dropout": jax.random.PRNGKey(2)}, x)
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    logits = apply(variables, x)
     assert logits.shape == (5, 10) and logits.dtype == jnp.float32
     # Eval mode is deterministic and per-example (a batch of one gives the same row).
-    np.testing.assert_allclose(model.apply(variables, x[:1], train=False), logits[:1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(apply(variables, x[:1]), logits[:1], rtol=1e-5, atol=1e-5)
 
 
 def test_train_mode_uses_dropout_rng():

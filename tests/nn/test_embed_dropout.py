@@ -29,7 +29,7 @@ def test_embed_lookup_attend_and_gradients():
     # Gradient of a lookup scatters into the looked-up rows only (row 2 twice).
     grad = jax.grad(lambda v: embed.apply(v, ids).sum())(variables)["params"]["embedding"]
     np.testing.assert_array_equal(np.asarray(grad)[:, 0], [1, 1, 2, 0, 0, 1, 0, 0, 0, 1])
-    check_grads(lambda v, x: embed.apply(v, x, method=nn.Embed.attend), (variables, x), order=1,
+    check_grads(jax.jit(lambda v, x: embed.apply(v, x, method=nn.Embed.attend)), (variables, x), order=1,
                 modes=("rev",), atol=1e-2, rtol=1e-2)
 
 

@@ -54,7 +54,7 @@ def test_mlp_matches_numpy_and_gradients():
     h = np.tanh(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
     h = np.tanh(h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"])
     np.testing.assert_allclose(y, h @ p["Dense_2"]["kernel"] + p["Dense_2"]["bias"], rtol=1e-5, atol=1e-5)
-    check_grads(lambda v, x: mlp.apply(v, x), (variables, jnp.asarray(x)), order=1, modes=("rev",),
+    check_grads(jax.jit(lambda v, x: mlp.apply(v, x)), (variables, jnp.asarray(x)), order=1, modes=("rev",),
                 atol=1e-2, rtol=1e-2)
 
 

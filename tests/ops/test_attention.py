@@ -66,7 +66,7 @@ def test_reference_matches_numpy_loops(causal, Sq, Skv, H, K, segments):
 
 def test_reference_gradients_and_auto_on_cpu():
     q, k, v, _ = _inputs(1, 1, 5, 5, 2, 1, 4)
-    check_grads(lambda q, k, v: ops.attention(q, k, v, causal=True, implementation="xla"), (q, k, v),
+    check_grads(jax.jit(lambda q, k, v: ops.attention(q, k, v, causal=True, implementation="xla")), (q, k, v),
                 order=1, modes=("rev",), atol=1e-2, rtol=1e-2)
     np.testing.assert_array_equal(ops.attention(q, k, v), ops.attention(q, k, v, implementation="xla"))
 
@@ -196,7 +196,7 @@ def test_log_sum_exp_values_and_gradients(backend, monkeypatch):
     for name, got, want in zip("qkv", results["pallas"], results["xla"]):
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5, err_msg=f"d{name}")
     # The reference's gradient through the lse, against finite differences.
-    check_grads(lambda q: ops.attention(q, k, v, causal=True, implementation="xla", return_lse=True)[1], (q,),
+    check_grads(jax.jit(lambda q: ops.attention(q, k, v, causal=True, implementation="xla", return_lse=True)[1]), (q,),
                 order=1, modes=("rev",), atol=1e-2, rtol=1e-2)
     with pytest.raises(ValueError, match="does not return the log-sum-exp"):
         ops.attention(q, k, v, implementation="cudnn", return_lse=True)

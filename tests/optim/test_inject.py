@@ -3,6 +3,8 @@ vmapped population whose members equal the optimizers of their own values."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +23,14 @@ def _config(peak: float, weight_decay: float) -> optim.OptimizerConfig:
 
 
 def _run(tx: optax.GradientTransformation, opt_state=None, steps: int = 6):
-    params, state = PARAMS, opt_state if opt_state is not None else tx.init(PARAMS)
+    return _updates(tx, opt_state if opt_state is not None else tx.init(PARAMS), steps)
+
+
+# The updates compiled as one program: op by op, each op of the optimizer's
+# chain would compile on its own, for every optimizer the tests build.
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _updates(tx: optax.GradientTransformation, state, steps: int):
+    params = PARAMS
     for i in range(steps):
         grads = jax.tree.map(lambda p: jnp.sin(p * (i + 1)), params)
         updates, state = tx.update(grads, state, params)
