@@ -236,6 +236,12 @@ def run(objective: Callable[..., Any] | str | Any, space: Sequence[str] | Mappin
     takes_trial = len(inspect.signature(objective).parameters) >= 2
 
     def trial_objective(trial: optuna.trial.Trial) -> Any:
+        if heartbeats:
+            # Optuna's heartbeat thread writes its first beat some time after
+            # the trial starts; a process killed before it leaves a RUNNING
+            # trial with no beat, which is never marked stale, and the other
+            # workers would wait for it forever. Beat before anything runs.
+            storage.record_heartbeat(trial._trial_id)
         if not _has_room(study, trial, n_trials, heartbeats):
             study.stop()
             raise _BudgetReached(f"{n_trials} trials are finished or running")

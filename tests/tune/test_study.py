@@ -4,11 +4,13 @@ two workers); pruning reaches the study."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import multiprocessing
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 
@@ -157,6 +159,11 @@ def test_sigkill_midtrial_then_rerun_finishes_the_budget(tmp_path, subprocess_en
     process.wait(30)
     before = optuna.load_study(study_name="k", storage=url).trials
     assert [t.state.name for t in before] == ["COMPLETE", "RUNNING"]
+    # The killed trial beat before its objective ran: without a beat it would
+    # never be marked stale, and the rerun below would wait for it forever.
+    with contextlib.closing(sqlite3.connect(tmp_path / "k.db")) as db:
+        beating = {n for (n,) in db.execute("SELECT number FROM trials JOIN trial_heartbeats USING (trial_id)")}
+    assert 1 in beating, beating
 
     def objective(config):
         return config.x
