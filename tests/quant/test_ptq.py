@@ -69,7 +69,7 @@ def _run_config(run_dir: str) -> gpt.RunConfig:
 
 
 @pytest.mark.parametrize("mode", quant.MODES)
-def test_tiny_gpt_keeps_its_loss(gpt_run, mode):
+def test_nano_gpt_keeps_its_loss(gpt_run, mode):
     run, model, _ = gpt.build(_run_config(gpt_run))
     assert run.seq_len == 64
     params = checkpoint.restore(gpt_run, params_only=True)
@@ -92,7 +92,7 @@ def test_tiny_gpt_keeps_its_loss(gpt_run, mode):
     assert jax.jit(quantized.apply)(windows["inputs"][:3, :17]).shape == (3, 17, 256)
 
 
-def test_tiny_gpt_int8_export_matches_the_quantized_model(gpt_run, tmp_path):
+def test_nano_gpt_int8_export_matches_the_quantized_model(gpt_run, tmp_path):
     path = export_recipe("gpt", gpt_run, tmp_path / "m", platforms=("cpu",), quantize="int8")
     loaded = load(path)
     assert loaded.metadata["quantization"] == "int8"
