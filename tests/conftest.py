@@ -2,13 +2,21 @@
 
 * Every test process sees 8 CPU devices, so SPMD tests can build real meshes;
   unsharded code still runs on device 0.
-* XLA's CPU backend compiles with LLVM -O2 instead of its default -O3. On CPU
-  compilation is most of the suite's time, and -O3's extra passes cost 3-6x
-  on the small programs tests make (a ``jax.random.normal`` of a new shape:
-  0.95 s at -O3, 0.17 s at -O2) for no change in the numbers: both levels
-  compile IEEE arithmetic without fast-math, and a GPT trained five steps
-  gives bitwise the same parameters at either level (checked when this was
-  chosen; -O0 does not, so it is not used).
+* XLA's CPU backend compiles with LLVM -O0 instead of its default -O3. On CPU
+  compilation is most of the suite's time: about 4700 programs, most of them
+  run once or a few times. -O0 roughly halves a program's compile time (a
+  digits CNN's train step: 2.1 -> 0.9 CPU-s; a sharded 1-block GPT train step:
+  4.0 -> 2.8 CPU-s); the whole run went from 904 to 789-844 CPU-s (user + sys,
+  three runs), every test passing at its own tolerance. Both levels compile
+  IEEE arithmetic without fast-math; the last bits of a result can differ
+  between levels, so a test and the processes it starts compile at one level.
+* Tests that run their programs many times (training digits models to an
+  accuracy bar, the shared digits CNN run) carry the ``compute_bound`` marker
+  and compile at -O2, in the test's process (``optimized_compiles``) and in
+  the processes it starts (``subprocess_env``): -O0's code runs up to 5x
+  slower (that CNN step: 4 -> 21 ms), which costs those tests more than -O2's
+  compile saves (the pruned CNN test: 31 -> 15 CPU-s at -O2). -O2 gives the
+  same numbers as XLA's default -O3, bit for bit (a GPT trained five steps).
 * XLA's CPU backend emits its fused loops with its classic LLVM emitter
   (``--xla_cpu_use_fusion_emitters=false``) instead of the newer MLIR fusion
   emitters, which set up MLIR contexts and pass pipelines for every fusion of
@@ -36,7 +44,8 @@
   re-rewrite the test modules' asserts (about 0.3 CPU-s per process).
 
 ``LEPTON_TEST_XLA_CACHE=0`` turns the cache off; an ``XLA_FLAGS`` that already
-names ``--xla_backend_optimization_level`` keeps its own flags (no -O2, default emitters).
+names ``--xla_backend_optimization_level`` keeps its own flags (its level for every test,
+default emitters).
 """
 
 import contextlib
@@ -56,13 +65,16 @@ import pytest
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 sys.dont_write_bytecode = False
 
-_COMPILE_FLAGS = "--xla_backend_optimization_level=2 --xla_cpu_use_fusion_emitters=false"
+_LEVEL = "--xla_backend_optimization_level"
+_COMPILE_FLAGS = f"{_LEVEL}=0 --xla_cpu_use_fusion_emitters=false"
 if "LEPTON_TEST_XLA_FLAGS" not in os.environ:
+    os.environ["LEPTON_TEST_OWN_LEVEL"] = str(int(_LEVEL in os.environ.get("XLA_FLAGS", "")))
     # The flags for every process of the run, without the device count.
     own = os.environ.get("XLA_FLAGS", "")
-    os.environ["LEPTON_TEST_XLA_FLAGS"] = own if "xla_backend_optimization_level" in own else \
+    os.environ["LEPTON_TEST_XLA_FLAGS"] = own if os.environ["LEPTON_TEST_OWN_LEVEL"] == "1" else \
         f"{own} {_COMPILE_FLAGS}".strip()
     os.environ["XLA_FLAGS"] = f"{os.environ['LEPTON_TEST_XLA_FLAGS']} --xla_force_host_platform_device_count=8"
+_OWN_LEVEL = os.environ["LEPTON_TEST_OWN_LEVEL"] == "1"
 
 # The first process (pytest's controller, or the only one) makes the run's
 # folder; xdist workers and every subprocess inherit it through the environment.
@@ -98,11 +110,49 @@ def pytest_unconfigure(config):
         shutil.rmtree(os.environ["LEPTON_TEST_RUN_DIR"], ignore_errors=True)
 
 
+@contextlib.contextmanager
+def optimized_compiles():
+    """Everything this process compiles inside the block is compiled at LLVM
+    -O2 (see the module docstring), through the per-compile option overrides
+    that ``jax.jit(..., compiler_options=...)`` also uses. The option is part of
+    the compilation cache's key, so -O0 and -O2 programs never mix. A no-op
+    when the run's ``XLA_FLAGS`` chose their own level."""
+    if _OWN_LEVEL:
+        yield
+        return
+    from jax._src import compiler
+
+    original = compiler.get_compile_options
+
+    def at_o2(*args, env_options_overrides=None, **kwargs):
+        overrides = {_LEVEL.lstrip("-"): 2, **(env_options_overrides or {})}
+        return original(*args, env_options_overrides=overrides, **kwargs)
+
+    compiler.get_compile_options = at_o2
+    try:
+        yield
+    finally:
+        compiler.get_compile_options = original
+
+
+@pytest.fixture(autouse=True)
+def _compute_bound_compiles(request):
+    if request.node.get_closest_marker("compute_bound") is None:
+        yield
+    else:
+        with optimized_compiles():
+            yield
+
+
 @pytest.fixture
-def subprocess_env() -> dict[str, str]:
+def subprocess_env(request) -> dict[str, str]:
     """The environment for a process a test starts: one CPU device (no
-    simulated mesh), the suite's compile flags and its compilation cache."""
-    return {**os.environ, "XLA_FLAGS": os.environ["LEPTON_TEST_XLA_FLAGS"]}
+    simulated mesh), the suite's compile flags (-O2 for ``compute_bound``
+    tests, as in their own process) and its compilation cache."""
+    flags = os.environ["LEPTON_TEST_XLA_FLAGS"]
+    if request.node.get_closest_marker("compute_bound") is not None and not _OWN_LEVEL:
+        flags = flags.replace(f"{_LEVEL}=0", f"{_LEVEL}=2")
+    return {**os.environ, "XLA_FLAGS": flags}
 
 
 class SharedRun(NamedTuple):
@@ -120,9 +170,10 @@ class SharedRun(NamedTuple):
         return str(folder)
 
 
-def shared_run(name: str, main: Callable[[list[str]], dict], argv: list[str]) -> SharedRun:
+def shared_run(name: str, main: Callable[[list[str]], dict], argv: list[str], compute_bound: bool = False) -> SharedRun:
     """``main([*argv, --out=FOLDER])`` once per test run, whichever xdist
-    worker asks first; the others wait on a lock and read its outputs."""
+    worker asks first; the others wait on a lock and read its outputs. A
+    ``compute_bound`` run compiles at -O2 (``optimized_compiles``)."""
     root = os.path.join(os.environ["LEPTON_TEST_RUN_DIR"], "runs")
     os.makedirs(root, exist_ok=True)
     out, done = os.path.join(root, name), os.path.join(root, f"{name}.json")
@@ -131,7 +182,8 @@ def shared_run(name: str, main: Callable[[list[str]], dict], argv: list[str]) ->
         if not os.path.exists(done):
             shutil.rmtree(out, ignore_errors=True)  # a failed attempt's leftovers
             printed = io.StringIO()
-            with contextlib.redirect_stdout(printed):
+            with contextlib.redirect_stdout(printed), \
+                    optimized_compiles() if compute_bound else contextlib.nullcontext():
                 result = main([*argv, f"--out={out}"])
             with open(done, "w") as f:
                 json.dump({"result": result, "stdout": printed.getvalue()}, f)
@@ -145,7 +197,7 @@ def digits_cnn_run() -> SharedRun:
     """The digits recipe's CNN with its default settings (30 epochs)."""
     from recipes import digits
 
-    return shared_run("digits_cnn", digits.main, ["--model=cnn", "--progress=false"])
+    return shared_run("digits_cnn", digits.main, ["--model=cnn", "--progress=false"], compute_bound=True)
 
 
 # A short GPT run (the nano config: tiny's widths, two blocks): small batches and windows,

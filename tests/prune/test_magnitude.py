@@ -90,6 +90,7 @@ def test_pruned_weights_stay_zero_under_the_optimizer():
     np.testing.assert_array_equal(prune.apply_masks(params, state)["a"]["kernel"], params["a"]["kernel"])
 
 
+@pytest.mark.compute_bound
 @pytest.mark.slow
 @pytest.mark.parametrize("name, steps", [("mlp", 600), ("cnn", 400)])
 def test_digits_at_90_percent_sparsity_within_a_point(name, steps):

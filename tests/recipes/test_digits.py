@@ -35,6 +35,7 @@ def test_bad_model_name_is_rejected():
 # two minutes on two CPU cores. These run the real recipe with its defaults
 # (each takes about ten seconds here, so they run in the default suite). The
 # CNN's is the suite's shared run, which other tests read too.
+@pytest.mark.compute_bound
 @pytest.mark.slow
 @pytest.mark.parametrize("model, bar", [("mlp", 0.97), ("cnn", 0.98), ("lstm", 0.97)])
 def test_default_recipe_reaches_the_accuracy_bar(tmp_path, model, bar, request):
