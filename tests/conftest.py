@@ -68,11 +68,10 @@ sys.dont_write_bytecode = False
 _LEVEL = "--xla_backend_optimization_level"
 _COMPILE_FLAGS = f"{_LEVEL}=0 --xla_cpu_use_fusion_emitters=false"
 if "LEPTON_TEST_XLA_FLAGS" not in os.environ:
-    os.environ["LEPTON_TEST_OWN_LEVEL"] = str(int(_LEVEL in os.environ.get("XLA_FLAGS", "")))
     # The flags for every process of the run, without the device count.
     own = os.environ.get("XLA_FLAGS", "")
-    os.environ["LEPTON_TEST_XLA_FLAGS"] = own if os.environ["LEPTON_TEST_OWN_LEVEL"] == "1" else \
-        f"{own} {_COMPILE_FLAGS}".strip()
+    os.environ["LEPTON_TEST_OWN_LEVEL"] = "1" if _LEVEL in own else "0"
+    os.environ["LEPTON_TEST_XLA_FLAGS"] = own if _LEVEL in own else f"{own} {_COMPILE_FLAGS}".strip()
     os.environ["XLA_FLAGS"] = f"{os.environ['LEPTON_TEST_XLA_FLAGS']} --xla_force_host_platform_device_count=8"
 _OWN_LEVEL = os.environ["LEPTON_TEST_OWN_LEVEL"] == "1"
 

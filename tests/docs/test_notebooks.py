@@ -19,8 +19,8 @@ DOCS = os.path.join(os.path.dirname(__file__), "..", "..", "docs")
 # (kernel CPU: 12.7 s at the suite's -O0, 10.4 s at -O2); the other notebooks
 # are cheaper at -O0 (tests/conftest.py).
 COMPUTE_BOUND = {"quickstart.md"}
-NOTEBOOKS = [pytest.param(f, marks=pytest.mark.compute_bound) if f in COMPUTE_BOUND else f
-             for f in sorted(f for f in os.listdir(os.path.join(DOCS, "notebooks")) if f.endswith(".md"))]
+NOTEBOOKS = [pytest.param(name, marks=pytest.mark.compute_bound) if name in COMPUTE_BOUND else name
+             for name in sorted(os.listdir(os.path.join(DOCS, "notebooks"))) if name.endswith(".md")]
 
 
 @pytest.mark.slow
