@@ -1,8 +1,10 @@
 """Child process for test_faults.py (run as a script, not by pytest).
 
-``train OUT STEPS [--resume]``: fits a small classifier with dropout, one
-logged row per step, printing ``STEP n`` after each step (slowed down so a
-signal can land mid-run); prints ``PREEMPTED n`` or ``DONE`` at the end.
+``train OUT STEPS [--resume] [--paced]``: fits a small classifier with
+dropout, one logged row per step, printing ``STEP n`` after each step;
+``--paced`` slows each step down so a signal sent on ``STEP n`` lands mid-run
+(the runs that are not signalled go at full speed). Prints ``PREEMPTED n`` or
+``DONE`` at the end.
 
 ``exit DIR``: starts an asynchronous save of ~64 MB and exits at once,
 without ``wait``/``close``: the exit hook must finish the write.
@@ -24,7 +26,7 @@ import optax  # noqa: E402
 from lepton_jax import checkpoint, data, models, train  # noqa: E402
 
 
-def run_train(out: str, steps: int, resume: bool) -> None:
+def run_train(out: str, steps: int, resume: bool, paced: bool) -> None:
     rng = np.random.default_rng(0)
     dataset = {"image": rng.normal(size=(96, 4, 4, 1)).astype(np.float32),
                "label": rng.integers(0, 3, 96).astype(np.int32)}
@@ -37,7 +39,8 @@ def run_train(out: str, steps: int, resume: bool) -> None:
         state, metrics = step_fn(state, batch)
         metrics["loss"].block_until_ready()
         print(f"STEP {int(state.step)}", flush=True)
-        time.sleep(0.05)
+        if paced:
+            time.sleep(0.05)
         return state, metrics
 
     batches = data.BatchIterator(dataset, 16, seed=1)
@@ -66,6 +69,6 @@ if __name__ == "__main__":
     if sys.argv[1] == "exit":
         run_exit(sys.argv[2])
     elif sys.argv[1] == "train":
-        run_train(sys.argv[2], int(sys.argv[3]), "--resume" in sys.argv)
+        run_train(sys.argv[2], int(sys.argv[3]), "--resume" in sys.argv, "--paced" in sys.argv)
     else:
         run_save(sys.argv[2])

@@ -45,8 +45,8 @@ def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path, subproc
     assert full.returncode == 0 and "DONE" in full.stdout, full.stderr[-3000:]
 
     out = str(tmp_path / "cut")
-    worker = subprocess.Popen([sys.executable, WORKER, "train", out, str(steps)], env=subprocess_env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    worker = subprocess.Popen([sys.executable, WORKER, "train", out, str(steps), "--paced"], env=subprocess_env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(worker, "STEP 9")
         worker.send_signal(signal.SIGTERM)
