@@ -312,7 +312,14 @@ class GPT(linen.Module):
         """The blocks from ``params["blocks"]`` (leaves ``[L, ...]``): a scan over the
         layers, or a pipeline when the rules put the stacked layers on a mesh axis."""
         c = self.config
-        blocks = self.param("blocks", _init_stacked_blocks, c, x_BxSxE.shape[1])
+        if self.has_variable("params", "blocks"):
+            # ``self.param`` would trace the initialiser again on every apply to
+            # check the shapes (two-thirds of a scanned GPT's tracing); the same
+            # check runs here against shapes worked out once per config.
+            blocks = linen.meta.unbox(self.get_variable("params", "blocks"))
+            _check_stacked_shapes(blocks, c)
+        else:
+            blocks = self.param("blocks", _init_stacked_blocks, c, x_BxSxE.shape[1])
         unbound = Block(c, parent=None)
 
         def apply_layer(p_layer, x, *segments):
@@ -353,6 +360,28 @@ def _init_stacked_blocks(rng: jax.Array, config: GPTConfig, seq_len: int) -> Any
     values = jax.vmap(lambda key: linen.meta.unbox(init(key)))(jax.random.split(rng, config.num_layers))
     return jax.tree.map(lambda axes, v: linen.LogicallyPartitioned(v, ("layers",) + axes), names, values,
                         is_leaf=lambda n: isinstance(n, tuple))
+
+
+@functools.lru_cache(maxsize=32)
+def _stacked_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """``{path: shape}`` of the stacked block parameters ``config`` initialises."""
+    abstract = jax.eval_shape(lambda key: linen.meta.unbox(_init_stacked_blocks(key, config, 1)),
+                              jax.random.PRNGKey(0))
+    return {jax.tree_util.keystr(path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(abstract)}
+
+
+def _check_stacked_shapes(blocks: Any, config: GPTConfig) -> None:
+    """Raise unless ``blocks`` has the leaves and shapes ``config`` initialises."""
+    want = _stacked_shapes(config)
+    have = {jax.tree_util.keystr(path): tuple(np.shape(leaf))
+            for path, leaf in jax.tree_util.tree_leaves_with_path(blocks)}
+    if have != want:
+        wrong = sorted(set(have) ^ set(want)) or [k for k in want if have[k] != want[k]]
+        raise ValueError(f"GPT: params['blocks'] do not fit the config (num_layers={config.num_layers}, "
+                         f"d_model={config.d_model}, ...): " + "; ".join(
+                             f"blocks{k} has shape {have.get(k, 'missing')}, expected {want.get(k, 'none')}"
+                             for k in wrong[:4]))
 
 
 def _boxed(x: Any) -> bool:

@@ -18,7 +18,7 @@ import optax
 import pytest
 
 from lepton_jax import checkpoint, config as config_lib, models, parallel, train
-from lepton_jax.models import pipeline as pipeline_lib
+from lepton_jax.models import gpt as gpt_lib, pipeline as pipeline_lib
 from recipes import gpt
 
 CONFIG = models.GPTConfig(vocab_size=64, max_len=16, num_layers=4, num_heads=4, num_kv_heads=2, d_model=32, d_ff=64,
@@ -102,10 +102,30 @@ def test_scan_layers_without_a_stage_axis_is_the_same_model():
     jax.tree.map(np.testing.assert_array_equal, on_host, ref_params)
     with pytest.raises(ValueError, match="decode needs per-layer parameters"):
         model.apply({"params": params}, batch["inputs"][:, :1], decode=True, mutable=["cache"])
+    with pytest.raises(ValueError, match=r"params\['blocks'\] do not fit the config \(num_layers=3, d_model=32, "
+                                         r"...\): blocks\['attention'\]\['key'\] has shape \(4, 32, 2, 8\), "
+                                         r"expected \(3, 32, 2, 8\)"):
+        models.GPT(dataclasses.replace(CONFIG, scan_layers=True, num_layers=3)).apply({"params": params},
+                                                                                     batch["inputs"])
     with pytest.raises(ValueError, match="params have no block_2"):
         models.stack_layers({"block_0": {}, "block_1": {}}, 3)
     with pytest.raises(ValueError, match=r"params have no 'blocks' \(stacked layers\); got keys \['block_0'\]"):
         models.unstack_layers({"block_0": {}})
+
+
+def test_applying_stacked_layers_works_out_their_shapes_once_per_config(monkeypatch):
+    # Flax's ``self.param`` traces a parameter's initialiser on every apply to
+    # check its shape; for the stacked blocks that was most of the tracing.
+    calls = []
+    initialiser = gpt_lib._init_stacked_blocks
+    monkeypatch.setattr(gpt_lib, "_init_stacked_blocks", lambda *args: calls.append(args) or initialiser(*args))
+    gpt_lib._stacked_shapes.cache_clear()
+    model = models.GPT(dataclasses.replace(CONFIG, scan_layers=True))
+    params = models.stack_layers(_per_layer_reference()[0], CONFIG.num_layers)
+    tokens = _batch()["inputs"]
+    for _ in range(3):
+        jax.make_jaxpr(lambda p: model.apply({"params": p}, tokens))(params)  # a new function: traced again
+    assert len(calls) == 1
 
 
 def test_bubble_fraction_and_layout_errors():
