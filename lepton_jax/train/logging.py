@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -37,9 +38,7 @@ class MetricLogger:
             os.makedirs(output_dir, exist_ok=True)
             self._jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8")
             if tensorboard:
-                from tensorboardX import SummaryWriter
-
-                self._writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+                self._writer = _summary_writer()(os.path.join(output_dir, "tensorboard"))
 
     def log(self, step: int, split: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
         """Records the scalar metrics of one step and returns the row."""
@@ -68,6 +67,28 @@ class MetricLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def _summary_writer() -> type:
+    """tensorboardX's ``SummaryWriter``, imported without PyTorch.
+
+    tensorboardX imports torch at import time when it is installed, only to
+    accept torch tensors as values (it falls back to numpy without it); we log
+    Python floats, and the import cost every training run that starts with
+    TensorBoard about a second (0.8-1.4 CPU-s against 0.06 s without). The
+    ``sys.modules`` entry of None makes that one ``import torch`` fail as if
+    torch were absent; it is removed at once, so torch imports normally later.
+    """
+    if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None  # type: ignore[assignment]
+        try:
+            import tensorboardX
+        finally:
+            if sys.modules.get("torch", 0) is None:
+                del sys.modules["torch"]
+    import tensorboardX
+
+    return tensorboardX.SummaryWriter
 
 
 class History(list):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import struct
+import subprocess
+import sys
 
 import chex
 import flax.linen as linen
@@ -195,6 +198,44 @@ def test_fit_logs_jsonl_tensorboard_plot_and_evaluates(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert result.eval_metrics["num_examples"] == 80
     assert set(os.listdir(os.path.join(out, "checkpoints"))) >= {"5", "10"}
+
+
+_LOG_SCALARS = """
+import sys
+from lepton_jax.train.logging import MetricLogger
+
+logger = MetricLogger(sys.argv[1])
+logger.log(3, "train", {"loss": 1.5, "accuracy": 0.25})
+logger.log(5, "eval", {"loss": 2.0})
+logger.close()
+print("torch in sys.modules:", "torch" in sys.modules)  # neither imported nor left blocked
+"""
+
+
+def _tfrecords(path):
+    """The records of a TFRecord file (length, its CRC, data, its CRC)."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    at = 0
+    while at < len(blob):
+        (length,) = struct.unpack("<Q", blob[at:at + 8])
+        yield blob[at + 12:at + 12 + length]
+        at += 12 + length + 4
+
+
+def test_tensorboard_scalars_are_written_without_importing_torch(tmp_path, subprocess_env):
+    from tensorboardX.proto import event_pb2
+
+    done = subprocess.run([sys.executable, "-c", _LOG_SCALARS, str(tmp_path)], env=subprocess_env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "torch in sys.modules: False" in done.stdout
+    [name] = os.listdir(tmp_path / "tensorboard")
+    scalars = []
+    for record in _tfrecords(tmp_path / "tensorboard" / name):
+        event = event_pb2.Event.FromString(record)
+        scalars += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+    assert sorted(scalars) == [(3, "train/accuracy", 0.25), (3, "train/loss", 1.5), (5, "eval/loss", 2.0)]
 
 
 def test_evaluate_over_padded_batches_equals_whole_dataset():
