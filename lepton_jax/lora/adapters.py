@@ -16,11 +16,10 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import traverse_util
 from jax.sharding import PartitionSpec
 
-from lepton_jax._pytree import path_str
+from lepton_jax._pytree import named_shapes, path_str
 from lepton_jax.quant.weights import Int8Weight, dequantize, quantize_int8
 
 PyTree = Any
@@ -93,7 +92,7 @@ def init(key: jax.Array, params: PyTree, config: LoRAConfig, *, logical_axes: Py
     Raises if the pattern matches no weight of >= 2 dims.
     """
     regex = re.compile(config.pattern)
-    shapes = _named_shapes(params)
+    shapes = named_shapes(params, is_leaf=_is_frozen_leaf)  # an Int8Weight is one leaf
     matched = {name: shape for name, shape in shapes.items() if regex.search(name) and len(shape) >= 2}
     if not matched:
         available = [name for name, shape in shapes.items() if len(shape) >= 2]
@@ -222,13 +221,6 @@ def _check_fit(name: str, w_shape, a_shape, b_shape) -> None:
 
 def _is_frozen_leaf(x: Any) -> bool:
     return isinstance(x, Int8Weight)
-
-
-def _named_shapes(params: PyTree) -> dict[str, tuple[int, ...]]:
-    leaves = jax.tree_util.tree_leaves_with_path(params, is_leaf=_is_frozen_leaf)
-    # .shape first: an Int8Weight or a ShapeDtypeStruct (abstract params) has one.
-    return {path_str(path): tuple(leaf.shape) if hasattr(leaf, "shape") else tuple(np.shape(leaf))
-            for path, leaf in leaves}
 
 
 def _named_axes(logical_axes: PyTree) -> dict[str, tuple]:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lepton_jax import nn, ops
+from lepton_jax._pytree import named_shapes
 from lepton_jax.models import pipeline as pipeline_lib
 from lepton_jax.nn._checks import cast
 from lepton_jax.sampling import Sampler
@@ -365,22 +366,19 @@ def _init_stacked_blocks(rng: jax.Array, config: GPTConfig, seq_len: int) -> Any
 @functools.lru_cache(maxsize=32)
 def _stacked_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     """``{path: shape}`` of the stacked block parameters ``config`` initialises."""
-    abstract = jax.eval_shape(lambda key: linen.meta.unbox(_init_stacked_blocks(key, config, 1)),
-                              jax.random.PRNGKey(0))
-    return {jax.tree_util.keystr(path): tuple(leaf.shape)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(abstract)}
+    return named_shapes(jax.eval_shape(lambda key: linen.meta.unbox(_init_stacked_blocks(key, config, 1)),
+                                       jax.random.PRNGKey(0)))
 
 
 def _check_stacked_shapes(blocks: Any, config: GPTConfig) -> None:
     """Raise unless ``blocks`` has the leaves and shapes ``config`` initialises."""
     want = _stacked_shapes(config)
-    have = {jax.tree_util.keystr(path): tuple(np.shape(leaf))
-            for path, leaf in jax.tree_util.tree_leaves_with_path(blocks)}
+    have = named_shapes(blocks)
     if have != want:
         wrong = sorted(set(have) ^ set(want)) or [k for k in want if have[k] != want[k]]
         raise ValueError(f"GPT: params['blocks'] do not fit the config (num_layers={config.num_layers}, "
                          f"d_model={config.d_model}, ...): " + "; ".join(
-                             f"blocks{k} has shape {have.get(k, 'missing')}, expected {want.get(k, 'none')}"
+                             f"blocks/{k} has shape {have.get(k, 'missing')}, expected {want.get(k, 'none')}"
                              for k in wrong[:4]))
 
 

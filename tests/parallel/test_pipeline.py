@@ -103,7 +103,7 @@ def test_scan_layers_without_a_stage_axis_is_the_same_model():
     with pytest.raises(ValueError, match="decode needs per-layer parameters"):
         model.apply({"params": params}, batch["inputs"][:, :1], decode=True, mutable=["cache"])
     with pytest.raises(ValueError, match=r"params\['blocks'\] do not fit the config \(num_layers=3, d_model=32, "
-                                         r"...\): blocks\['attention'\]\['key'\] has shape \(4, 32, 2, 8\), "
+                                         r"...\): blocks/attention/key has shape \(4, 32, 2, 8\), "
                                          r"expected \(3, 32, 2, 8\)"):
         models.GPT(dataclasses.replace(CONFIG, scan_layers=True, num_layers=3)).apply({"params": params},
                                                                                      batch["inputs"])
